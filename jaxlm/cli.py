@@ -1,0 +1,81 @@
+"""The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.KEY=VALUE ...]`.
+
+Commands: train. Each command parses flags, hands the locked config to the library and prints
+bad input as one line (`jaxlm: error: ...`) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from jaxlm.errors import JaxlmError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (a Python file with get_config()); override any "
+    "key with --config.section.key=value.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
+
+USAGE = """usage: jaxlm <command> [flags]
+
+commands:
+  train   train a model:  jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
+"""
+
+
+def _require(flag_value, name: str) -> None:
+  if flag_value is None:
+    raise JaxlmError(f"--{name} is required")
+
+
+def cmd_train(argv: list[str]) -> None:
+  del argv
+  _require(_CONFIG.value, "config")
+  _require(_WORKDIR.value, "workdir")
+  from jaxlm import train  # Imported here so that `jaxlm --help` does not load jax.
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+COMMANDS = {"train": cmd_train}
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) < 2 or argv[1] not in COMMANDS:
+    got = f"unknown command {argv[1]!r}\n" if len(argv) > 1 else ""
+    sys.stderr.write(got + USAGE)
+    sys.exit(2)
+  try:
+    COMMANDS[argv[1]](argv[2:])
+  except JaxlmError as e:
+    logging.flush()
+    sys.stderr.write(f"jaxlm: error: {e}\n")
+    sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with config errors (unknown key, bad value) as one line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+  except (KeyError, AttributeError) as e:
+    # ml_collections reports an unknown override key as KeyError('key\nDid you mean ...?').
+    text = str(e.args[0] if e.args else e)
+    text = text.replace("\\n", "\n").replace('\\"', '"').replace("\\'", "'")
+    lines = [line.strip("'\" ") for line in text.splitlines()] or [""]
+    key, hint = lines[0], (lines[1] if len(lines) > 1 else "")
+    flag = next((a.split("=")[0] for a in argv[1:]
+                 if a.startswith("--config.") and key in a.split("=")[0].split(".")), key)
+    msg = f"unknown config key {flag}" + (f" ({hint})" if hint else "")
+  sys.stderr.write(f"jaxlm: error: {msg}\n")
+  sys.exit(2)
+
+
+def run() -> None:
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,75 @@
+"""The base config: every hyperparameter jaxlm knows, with its default and what it means.
+
+Experiment files in configs/ start from `base_config()` and change only what differs, so a
+config reads as a short diff and a misspelt key fails (the config is locked by the CLI).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # Seeds parameter init, the data order and dropout (each via its own stream).
+
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""  # UTF-8 text file or glob; "" = tiny-shakespeare shipped with jaxlm.
+  c.data.tokenizer = "char"  # char (vocab from the corpus) | byte (256 symbols, any bytes).
+  c.data.val_fraction = 0.1  # The last 10% of tokens are the validation split.
+  c.data.cache_dir = ""  # Token cache; "" = $XDG_CACHE_HOME/jaxlm/tokens.
+
+  c.model = ml_collections.ConfigDict()
+  c.model.family = "gpt2"
+  c.model.n_layer = 12
+  c.model.n_head = 12
+  c.model.n_kv_head = 0  # 0 = n_head; fewer = grouped-query attention.
+  c.model.d_model = 768
+  c.model.d_ff = 0  # 0 = 4 * d_model.
+  c.model.block_size = 1024  # Context length L.
+  c.model.vocab_size = 0  # 0 = the tokenizer's vocabulary size.
+  c.model.dropout = 0.0
+  c.model.bias = True  # Biases in linear layers and LayerNorms.
+  c.model.tie_embeddings = True  # Output head shares the token embedding matrix.
+  c.model.dtype = "float32"  # Matmul compute dtype (bfloat16 on TPU); softmax/loss stay f32.
+  c.model.param_dtype = "float32"
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adamw"  # adamw | lion | sgd
+  c.optim.lr = 6e-4  # Peak learning rate, reached after warmup.
+  c.optim.min_lr = 6e-5  # Cosine decay ends here at train.steps.
+  c.optim.warmup_steps = 2000
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1  # Decoupled; kernels and embeddings only.
+  c.optim.grad_clip = 1.0  # Clip by global norm; 0 = off.
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 600_000
+  c.train.batch_size = 480  # Global batch, in sequences, summed over every device and host.
+  c.train.grad_accum = 1  # Microbatches per step (batch_size must divide by it).
+  c.train.eval_every = 2000  # Steps between evaluations (and at the end).
+  c.train.eval_steps = 20  # Batches per evaluation, fixed across evaluations.
+  c.train.log_every = 10  # Steps between log lines; metrics leave the device only then.
+  c.train.z_loss = 0.0  # Coefficient of PaLM's z-loss; 0 = off.
+  c.train.init_from = ""  # Workdir or checkpoint path to take initial params from.
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 1000  # Steps between checkpoints (and at the end); 0 = only at the end.
+  c.checkpoint.keep = 3  # Most recent checkpoints kept (plus the best by val loss).
+
+  c.mesh = ml_collections.ConfigDict()
+  # Device mesh (data, fsdp, tensor); one size may be -1 (= the remaining devices).
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+  c.mesh.rules = "fsdp"  # Logical->mesh rule preset from jaxlm/axes.py: dp | fsdp | fsdp_tp.
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompt = "\n"
+  c.sample.max_new_tokens = 200
+  c.sample.temperature = 0.8  # 0 = greedy.
+  c.sample.top_k = 40  # 0 = off.
+  c.sample.top_p = 0.95  # 1.0 = off.
+  return c

@@ -1,0 +1,117 @@
+"""Throughput arithmetic (FLOPs, MFU, peak) and the process-0 metrics writer (JSONL, TensorBoard)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Peak dense TFLOP/s per device (bfloat16) from vendor data sheets; float32 on TPUs goes
+# through the same MXU passes, so the same peak is used.
+PEAK_TFLOPS = {
+    "TPU v2": 22.5, "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
+    "TPU v5p": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
+    "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA L4": 121.0, "NVIDIA A10G": 125.0, "Tesla T4": 65.0, "Tesla V100-SXM2-16GB": 125.0,
+}
+
+
+def flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
+  """Training FLOPs per token, forward + backward: 6·N + 12·n_layer·d_model·seq_len.
+
+  N counts the parameters that take part in matmuls (all but position embeddings; a tied
+  embedding once, since it is the output head's matmul). The second term is the attention
+  score and value matmuls over the full context (Kaplan et al. 2020; PaLM appendix B), the
+  same convention as nanoGPT's estimate_mfu.
+  """
+  return 6.0 * n_params + 12.0 * n_layer * d_model * seq_len
+
+
+_measured_peak: dict[tuple[str, str], float] = {}
+
+
+def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "float32") -> float:
+  """Peak FLOP/s of one device: the table above, else a matmul microbenchmark (cached)."""
+  device = device or jax.devices()[0]
+  kind = getattr(device, "device_kind", "") or ""
+  for name, tflops in PEAK_TFLOPS.items():
+    if kind.startswith(name):
+      return tflops * 1e12
+  key = (kind, dtype)
+  if key not in _measured_peak:
+    _measured_peak[key] = measure_matmul_flops(device, dtype)
+  return _measured_peak[key]
+
+
+def measure_matmul_flops(device: jax.Device, dtype: str = "float32", n: int = 1024,
+                         reps: int = 8) -> float:
+  """Best-of-`reps` FLOP/s of an n×n×n matmul on `device`: the attainable peak there."""
+  x = jax.device_put(jnp.ones((n, n), dtype=dtype), device)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = math.inf
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n**3 / best
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class MetricsWriter:
+  """Appends one JSON object per call to metrics.jsonl and mirrors scalars to TensorBoard.
+
+  Only process 0 writes; on other processes every method is a no-op.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    self.enabled = enabled
+    self._jsonl = None
+    self._tb = None
+    if not enabled:
+      return
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    if tensorboard:
+      from tensorboardX import SummaryWriter  # Imported lazily: it is slow to import.
+      self._tb = SummaryWriter(os.path.join(workdir, "events"))
+
+  def write(self, step: int, scalars: dict[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {"step": int(step)}
+    record.update({k: _to_python(v) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in record.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, global_step=int(step))
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def _to_python(v: Any) -> Any:
+  if isinstance(v, (np.ndarray, np.generic, jax.Array)):
+    v = np.asarray(v).item()
+  if isinstance(v, float) and not math.isfinite(v):
+    return str(v)  # JSON has no NaN/Inf; keep them visible as strings.
+  return v

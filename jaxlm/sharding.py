@@ -1,0 +1,83 @@
+"""Device mesh from config, logical -> NamedSharding for pytrees, and host -> global batches."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxlm import axes
+from jaxlm.errors import JaxlmError
+
+PyTree = Any
+Rules = Sequence[tuple[str, Any]]
+
+
+def mesh_shape(sizes: dict[str, int], n_devices: int) -> tuple[int, ...]:
+  """Resolves the (data, fsdp, tensor) sizes; one of them may be -1 (= whatever is left)."""
+  shape = [int(sizes[a]) for a in axes.MESH_AXES]
+  spec = ", ".join(f"{a}={s}" for a, s in zip(axes.MESH_AXES, shape))
+  if shape.count(-1) > 1:
+    raise JaxlmError(f"mesh ({spec}): at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in shape):
+    raise JaxlmError(f"mesh ({spec}): sizes must be positive, or -1 for one axis")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if n_devices % known:
+      raise JaxlmError(f"mesh ({spec}): {n_devices} devices are not divisible by {known}")
+    shape[shape.index(-1)] = n_devices // known
+  if int(np.prod(shape)) != n_devices:
+    raise JaxlmError(f"mesh ({spec}) has {int(np.prod(shape))} devices but there are "
+                     f"{n_devices}; make the sizes multiply to {n_devices} or set one to -1")
+  return tuple(shape)
+
+
+def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A (data, fsdp, tensor) mesh whose axes are all `Auto` (what flax linen expects)."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(sizes, len(devices))
+  try:
+    from jax.experimental import mesh_utils
+    device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    device_array = np.asarray(devices).reshape(shape)
+  return Mesh(device_array, axes.MESH_AXES,
+              axis_types=(jax.sharding.AxisType.Auto,) * len(axes.MESH_AXES))
+
+
+def get_rules(name: str) -> Rules:
+  if name not in axes.RULES:
+    raise JaxlmError(f"unknown mesh.rules={name!r}: expected one of {', '.join(axes.RULES)}")
+  return axes.RULES[name]
+
+
+def logical_shardings(boxed_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
+  """NamedShardings for a tree of flax `Partitioned` boxes (abstract or concrete)."""
+  specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Rows of a [B, L] batch split over the mesh axes that `rules` assign to `batch`."""
+  spec = nn.logical_to_mesh_axes((axes.BATCH, None), rules)
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def batch_divisor(mesh: Mesh, rules: Rules) -> int:
+  """How many ways the batch dimension is split (the global batch must divide by this)."""
+  spec = batch_sharding(mesh, rules).spec[0]
+  names = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
+  return int(np.prod([mesh.shape[n] for n in names]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def host_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Assembles each process' rows into one global array per key."""
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}

@@ -1,0 +1,301 @@
+"""TrainState, the pure train step, and the training loop (the only module that reads the whole config)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from jaxlm import data as data_lib
+from jaxlm import evaluate, losses, metrics, optim, sharding, tokenizers
+from jaxlm import model as model_lib
+from jaxlm.errors import JaxlmError
+
+PyTree = Any
+FAMILIES = ("gpt2",)
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; arrays only, so it jits, shards and saves as is."""
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+
+
+# ---------------------------------------------------------------------------------------------
+# Config -> validated pieces. Everything here runs before any compilation.
+# ---------------------------------------------------------------------------------------------
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
+  m = cfg.model
+  if m.family not in FAMILIES:
+    raise JaxlmError(f"unknown model.family={m.family!r}: expected one of {', '.join(FAMILIES)}")
+  if m.vocab_size and m.vocab_size < vocab_size:
+    raise JaxlmError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                     f"vocabulary ({vocab_size}); set it to 0 to derive it")
+  return model_lib.ModelConfig(
+      vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+      n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=m.d_ff,
+      dropout=m.dropout, bias=m.bias, tie_embeddings=m.tie_embeddings, dtype=m.dtype,
+      param_dtype=m.param_dtype)
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises JaxlmError naming the first impossible value; cheap, no data or devices touched."""
+  model_config(cfg, vocab_size=1)  # Shape checks (divisibility, ranges) with a stand-in vocab.
+  t = cfg.train
+  for key in ("batch_size", "grad_accum", "log_every", "eval_steps"):
+    if t[key] < 1:
+      raise JaxlmError(f"train.{key} must be >= 1, got {t[key]}")
+  for key in ("steps", "eval_every"):
+    if t[key] < 0:
+      raise JaxlmError(f"train.{key} must be >= 0, got {t[key]}")
+  if t.batch_size % t.grad_accum:
+    raise JaxlmError(f"train.batch_size={t.batch_size} is not divisible by "
+                     f"train.grad_accum={t.grad_accum}")
+  if cfg.data.tokenizer not in tokenizers.KINDS:
+    raise JaxlmError(f"unknown data.tokenizer={cfg.data.tokenizer!r}: expected one of "
+                     f"{', '.join(tokenizers.KINDS)}")
+  if cfg.optim.name not in optim.OPTIMIZERS:
+    raise JaxlmError(f"unknown optim.name={cfg.optim.name!r}: expected one of "
+                     f"{', '.join(optim.OPTIMIZERS)}")
+  if cfg.optim.lr < 0 or cfg.optim.min_lr < 0 or cfg.optim.warmup_steps < 0:
+    raise JaxlmError("optim.lr, optim.min_lr and optim.warmup_steps must be >= 0")
+  sharding.get_rules(cfg.mesh.rules)
+
+
+def prepare_workdir(workdir: str) -> None:
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise JaxlmError(f"workdir {workdir!r} exists and is not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise JaxlmError(f"cannot create workdir {workdir!r}: {e.strerror}") from None
+
+
+def count_params(params: PyTree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def matmul_params(params: PyTree) -> int:
+  """Parameters that take part in matmuls: all but the position embedding table."""
+  return count_params(params) - count_params(params.get("wpe", {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: init, loss, train step.
+# ---------------------------------------------------------------------------------------------
+
+def init_boxed_state(rng: jax.Array, *, model: model_lib.GPT,
+                     tx: optax.GradientTransformation) -> TrainState:
+  """The initial state with flax `Partitioned` boxes still on (they carry the logical axes)."""
+  params = model_lib.init_params(model, rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def loss_fn(params: PyTree, batch: dict[str, jax.Array], rng: jax.Array, *,
+            model: model_lib.GPT, z_loss: float) -> tuple[jax.Array, dict[str, jax.Array]]:
+  logits_BxLxV = model.apply({"params": params}, batch["inputs"], train=True,
+                             rngs={"dropout": rng})
+  return losses.cross_entropy(logits_BxLxV, batch["targets"], batch.get("loss_mask"),
+                              z_loss=z_loss)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Array, *,
+               model: model_lib.GPT, tx: optax.GradientTransformation, grad_accum: int = 1,
+               z_loss: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+  """forward -> loss -> grads (averaged over `grad_accum` microbatches) -> optax update."""
+  # Dropout randomness is a function of the step: nothing random is carried in the state.
+  rng = jax.random.fold_in(base_rng, state.step)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, z_loss=z_loss),
+                               has_aux=True)
+  if grad_accum == 1:
+    (_, aux), grads = grad_fn(state.params, batch, rng)
+    loss = aux["loss"]
+  else:
+    # Microbatch i takes rows i, i + k, i + 2k, ...: every device keeps working on its own rows.
+    def split(x):
+      x = x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:])
+      return jnp.swapaxes(x, 0, 1)
+
+    def accumulate(carry, xs):
+      i, microbatch = xs
+      (_, aux), g = grad_fn(state.params, microbatch, jax.random.fold_in(rng, i))
+      grads_sum, loss_sum = carry
+      return (jax.tree.map(jnp.add, grads_sum, g), loss_sum + aux["loss"]), None
+
+    zeros = (jax.tree.map(jnp.zeros_like, state.params), jnp.zeros((), jnp.float32))
+    microbatches = (jnp.arange(grad_accum), jax.tree.map(split, batch))
+    (grads_sum, loss_sum), _ = jax.lax.scan(accumulate, zeros, microbatches)
+    grads = jax.tree.map(lambda g: g / grad_accum, grads_sum)
+    loss = loss_sum / grad_accum
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                     "param_norm": optax.tree.norm(params)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop.
+# ---------------------------------------------------------------------------------------------
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `cfg` in `workdir`; returns the final evaluation metrics."""
+  t_start = time.perf_counter()
+  validate_config(cfg)
+  prepare_workdir(workdir)
+  is_main = jax.process_index() == 0
+
+  # --- Data -----------------------------------------------------------------------------------
+  dataset = data_lib.load_dataset(
+      cfg.data.path, cfg.data.tokenizer, val_fraction=cfg.data.val_fraction,
+      block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir)
+  mcfg = model_config(cfg, dataset.tokenizer.vocab_size)
+  if is_main:
+    tokenizers.save(dataset.tokenizer, os.path.join(workdir, "tokenizer.json"))
+    resolved = cfg.to_dict()
+    resolved["model"]["vocab_size"] = mcfg.vocab_size
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(resolved, f, indent=2, sort_keys=True)
+
+  # --- Mesh and batch geometry ------------------------------------------------------------------
+  mesh = sharding.make_mesh(dict(cfg.mesh.items()))
+  rules = sharding.get_rules(cfg.mesh.rules)
+  divisor = sharding.batch_divisor(mesh, rules) * cfg.train.grad_accum
+  if cfg.train.batch_size % divisor:
+    raise JaxlmError(
+        f"train.batch_size={cfg.train.batch_size} is not divisible by the {divisor}-way batch "
+        f"split (mesh {dict(mesh.shape)}, rules {cfg.mesh.rules!r}, "
+        f"grad_accum {cfg.train.grad_accum})")
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  n_proc, proc = jax.process_count(), jax.process_index()
+
+  def batch_at(tokens, step, stream):
+    host_batch = data_lib.get_batch(
+        tokens, seed=cfg.seed, step=step, batch_size=cfg.train.batch_size,
+        block_size=mcfg.block_size, stream=stream, process_index=proc, process_count=n_proc)
+    return sharding.host_to_global(host_batch, batch_sharding)
+
+  # --- Model, optimizer and sharded state -------------------------------------------------------
+  model = model_lib.make_model(mcfg)
+  total_steps = cfg.train.steps
+  tx = optim.make_optimizer(cfg.optim, total_steps)
+  schedule = optim.make_schedule(cfg.optim, total_steps)
+  init_rng, dropout_rng = jax.random.split(jax.random.key(cfg.seed))
+  init_fn = functools.partial(init_boxed_state, model=model, tx=tx)
+  abstract_state = jax.eval_shape(init_fn, init_rng)
+  state_shardings = sharding.logical_shardings(abstract_state, mesh, rules)
+  # Parameters are created already sharded: no device ever holds a full copy first.
+  state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(init_rng)
+
+  step_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.train.grad_accum,
+                        z_loss=cfg.train.z_loss),
+      in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
+      out_shardings=(state_shardings, sharding.replicated(mesh)),
+      donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(evaluate.eval_step, model=model),
+                    in_shardings=(state_shardings.params, batch_sharding),
+                    out_shardings=sharding.replicated(mesh))
+
+  n_params = count_params(state.params)
+  tokens_per_step = cfg.train.batch_size * mcfg.block_size
+  flops_per_token = metrics.flops_per_token(matmul_params(state.params), mcfg.n_layer,
+                                            mcfg.d_model, mcfg.block_size)
+  peak_flops = metrics.peak_flops_per_device(jax.devices()[0], mcfg.dtype) * jax.device_count()
+  logging.info("config:\n%s", cfg)
+  logging.info("data: %s | tokenizer %s, vocab %d | train %s tokens, val %s tokens",
+               dataset.source, dataset.tokenizer.kind, dataset.tokenizer.vocab_size,
+               f"{len(dataset.train):,}", f"{len(dataset.val):,}")
+  logging.info("model: %s parameters (%s in matmuls) | %.3g FLOPs/token | %d layers, "
+               "d_model %d, %d heads, block %d", f"{n_params:,}",
+               f"{matmul_params(state.params):,}", flops_per_token, mcfg.n_layer,
+               mcfg.d_model, mcfg.n_head, mcfg.block_size)
+  logging.info("devices: %d x %s on %d process(es) | mesh %s | rules %s | batch %d global, "
+               "%d per process, %d tokens/step | peak %.1f TFLOP/s", jax.device_count(),
+               jax.devices()[0].device_kind, n_proc, dict(mesh.shape), cfg.mesh.rules,
+               cfg.train.batch_size, cfg.train.batch_size // n_proc, tokens_per_step,
+               peak_flops / 1e12)
+
+  # --- Compile ahead of time, so errors and compile time show before the loop -----------------
+  t0 = time.perf_counter()
+  first_batch = batch_at(dataset.train, 0, data_lib.TRAIN_STREAM)
+  step_fn = step_fn.lower(state, first_batch, dropout_rng).compile()
+  logging.info("compiled train step in %.2fs", time.perf_counter() - t0)
+
+  eval_batches = {
+      name: [batch_at(tokens, i, stream) for i in range(cfg.train.eval_steps)]
+      for name, tokens, stream in (("train", dataset.train, data_lib.EVAL_TRAIN_STREAM),
+                                   ("val", dataset.val, data_lib.EVAL_VAL_STREAM))}
+  writer = metrics.MetricsWriter(workdir, enabled=is_main)
+
+  def run_eval(step: int) -> dict[str, float]:
+    results = {}
+    for split, batches in eval_batches.items():
+      for k, v in evaluate.evaluate(eval_fn, state.params, batches).items():
+        results[f"{split}/{k}"] = v
+    writer.write(step, {k.replace("train/", "eval_train/"): v for k, v in results.items()})
+    logging.info("eval  step %d | train loss %.4f | val loss %.4f | val ppl %.2f | "
+                 "val bits/token %.4f", step, results["train/loss"], results["val/loss"],
+                 results["val/perplexity"], results["val/bits_per_token"])
+    return results
+
+  # --- Loop -------------------------------------------------------------------------------------
+  step = int(state.step)
+  final = run_eval(step) if cfg.train.eval_every and step == 0 else {}
+  pending: list[dict[str, jax.Array]] = []
+  t_log, step_log = time.perf_counter(), step
+  while step < total_steps:
+    batch = first_batch if step == 0 else batch_at(dataset.train, step, data_lib.TRAIN_STREAM)
+    state, step_metrics = step_fn(state, batch, dropout_rng)
+    pending.append(step_metrics)
+    step += 1
+    done = step == total_steps
+    if step % cfg.train.log_every == 0 or done:
+      fetched = jax.device_get(pending)  # The only host sync on a training step.
+      pending = []
+      now = time.perf_counter()
+      sec_per_step = (now - t_log) / (step - step_log)
+      t_log, step_log = now, step
+      loss = float(np.mean([m["loss"] for m in fetched]))
+      if not math.isfinite(loss):
+        writer.close()
+        raise JaxlmError(f"training diverged: loss is {loss} at step {step}; try a lower "
+                         "optim.lr or a smaller optim.grad_clip")
+      tokens_per_sec = tokens_per_step / sec_per_step
+      mfu = flops_per_token * tokens_per_sec / peak_flops
+      lr = float(schedule(step - 1))
+      writer.write(step, {"train/loss": loss, "lr": lr,
+                          "grad_norm": float(fetched[-1]["grad_norm"]),
+                          "param_norm": float(fetched[-1]["param_norm"]),
+                          "tokens_per_sec": tokens_per_sec, "ms_per_step": 1e3 * sec_per_step,
+                          "mfu": mfu})
+      logging.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s | %.1f ms/step | MFU %.1f%% | "
+                   "ETA %s", step, total_steps, loss, lr, f"{tokens_per_sec:,.0f}",
+                   1e3 * sec_per_step, 100 * mfu,
+                   metrics.format_duration((total_steps - step) * sec_per_step))
+    if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or done):
+      final = run_eval(step)
+      t_log = time.perf_counter()  # Keep evaluation time out of the throughput numbers.
+
+  wall = time.perf_counter() - t_start
+  writer.write(step, {"wall_time_sec": wall})
+  writer.close()
+  logging.info("done: %d steps in %s (%.1fs wall, compile and evals included)%s", step,
+               metrics.format_duration(wall), wall,
+               f" | final val loss {final['val/loss']:.4f}" if final else "")
+  return {**final, "wall_time_sec": wall, "step": step}

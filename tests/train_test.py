@@ -1,0 +1,138 @@
+"""Training: the pure step, gradient accumulation, the loop's outputs, and config validation."""
+
+import functools
+import json
+import math
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from jaxlm import model as model_lib
+from jaxlm import optim, train
+from jaxlm.errors import JaxlmError
+
+
+def tiny_state(cfg, vocab_size=65):
+  model = model_lib.make_model(train.model_config(cfg, vocab_size))
+  tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+  state = nn.unbox(train.init_boxed_state(jax.random.key(0), model=model, tx=tx))
+  return model, tx, state
+
+
+def random_batch(batch_size, length, vocab=65, seed=0):
+  tokens = np.random.default_rng(seed).integers(0, vocab, size=(batch_size, length + 1))
+  return {"inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+          "targets": jnp.asarray(tokens[:, 1:], jnp.int32)}
+
+
+def test_train_step_is_pure_and_lowers_loss():
+  cfg = load_config("smoke")
+  model, tx, state = tiny_state(cfg)
+  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+  batch = random_batch(8, 16)
+  rng = jax.random.key(1)
+  s1, m1 = step(state, batch, rng)
+  s1b, m1b = step(state, batch, rng)  # Same inputs, same outputs: nothing hidden is carried.
+  assert int(s1.step) == 1 and float(m1["loss"]) == float(m1b["loss"])
+  jax.tree.map(np.testing.assert_array_equal, s1.params, s1b.params)
+  s = s1
+  for _ in range(30):
+    s, m = step(s, batch, rng)
+  assert float(m["loss"]) < float(m1["loss"]) - 0.5
+
+
+def test_weight_decay_mask_covers_kernels_and_embeddings_only():
+  cfg = load_config("smoke")
+  _, _, state = tiny_state(cfg)
+  mask = optim.decay_mask(state.params)
+  flat = {"/".join(k.key for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  assert flat["wte/embedding"] and flat["h_0/mlp/fc/kernel"] and flat["h_1/attn/query/kernel"]
+  assert not flat["h_0/mlp/fc/bias"] and not flat["ln_f/scale"]
+  assert not flat["h_0/attn/query/bias"]  # A 2-D bias is still a bias.
+
+
+def test_gradient_accumulation_equals_one_full_batch():
+  cfg = load_config("smoke")
+  model, tx, state = tiny_state(cfg)
+  batch = random_batch(8, 16, seed=3)
+  full = jax.jit(functools.partial(train.train_step, model=model, tx=tx, grad_accum=1))
+  accum = jax.jit(functools.partial(train.train_step, model=model, tx=tx, grad_accum=4))
+  rng = jax.random.key(0)
+  s_full, m_full = full(state, batch, rng)
+  s_acc, m_acc = accum(state, batch, rng)
+  # Without dropout the only difference is float summation order: tolerance 1e-5.
+  np.testing.assert_allclose(m_acc["loss"], m_full["loss"], rtol=1e-5)
+  np.testing.assert_allclose(m_acc["grad_norm"], m_full["grad_norm"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s_acc.params,
+               s_full.params)
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+  cfg = load_config("shakespeare_char")
+  sched = optim.make_schedule(cfg.optim, cfg.train.steps)
+  assert float(sched(0)) == 0.0
+  assert math.isclose(float(sched(100)), 1e-3, rel_tol=1e-6)
+  assert math.isclose(float(sched(2000)), 1e-4, rel_tol=1e-6)
+  assert float(sched(1000)) < 1e-3
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_writes_the_workdir(tmp_path):
+  cfg = load_config("smoke")
+  workdir = str(tmp_path / "run")
+  result = train.train_and_evaluate(cfg, workdir)
+  assert result["step"] == 30
+  assert result["val/loss"] < math.log(65) - 0.5
+  assert set(os.listdir(workdir)) >= {"config.json", "tokenizer.json", "metrics.jsonl", "events"}
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["model"]["vocab_size"] == 65 and saved["model"]["n_layer"] == 2
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train_steps = [r["step"] for r in records if "train/loss" in r]
+  assert train_steps == [5, 10, 15, 20, 25, 30]
+  eval_steps = [r["step"] for r in records if "val/loss" in r]
+  assert eval_steps == [0, 15, 30]
+  r = next(r for r in records if "train/loss" in r)
+  assert {"lr", "tokens_per_sec", "mfu", "ms_per_step", "grad_norm"} <= set(r)
+  assert 0 < r["mfu"] < 1
+  last = [r for r in records if "val/loss" in r][-1]
+  assert math.isclose(last["val/perplexity"], math.exp(last["val/loss"]), rel_tol=1e-9)
+  assert os.listdir(os.path.join(workdir, "events"))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.batch_size", 0, "train.batch_size must be >= 1"),
+    ("train.grad_accum", 5, "not divisible by train.grad_accum"),
+    ("model.d_model", 30, "not divisible by model.n_head"),
+    ("model.block_size", 0, "block_size must be >= 1"),
+    ("data.tokenizer", "words", "unknown data.tokenizer"),
+    ("optim.name", "adagrad", "unknown optim.name"),
+    ("mesh.rules", "magic", "unknown mesh.rules"),
+    ("model.family", "mamba", "unknown model.family"),
+])
+def test_validate_config_rejects_impossible_values(key, value, message):
+  cfg = load_config("smoke")
+  section, name = key.split(".")
+  cfg[section][name] = value
+  with pytest.raises(JaxlmError, match=message):
+    train.validate_config(cfg)
+
+
+def test_batch_not_divisible_by_devices(tmp_path):
+  cfg = load_config("smoke")
+  cfg.train.batch_size = 6  # 8 fake devices in the tests.
+  with pytest.raises(JaxlmError, match="batch_size=6 is not divisible by the 8-way batch split"):
+    train.train_and_evaluate(cfg, str(tmp_path / "run"))
+
+
+def test_workdir_that_is_a_file(tmp_path):
+  path = tmp_path / "afile"
+  path.write_text("keep me")
+  with pytest.raises(JaxlmError, match="is not a directory"):
+    train.train_and_evaluate(load_config("smoke"), str(path))
+  assert path.read_text() == "keep me"
