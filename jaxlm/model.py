@@ -1,8 +1,15 @@
 """GPT-2-style decoder-only transformer in flax linen, with logical axis names on every parameter.
 
-Read top to bottom: config -> attention -> MLP -> block -> model. Tensor names end with their
-shape in the letters of jaxlm/axes.py (B batch, L length, D width, H heads, G kv heads,
-K head dim, F MLP width, V vocab).
+Read top to bottom: config -> KV cache -> attention -> MLP -> block -> model. Tensor names end
+with their shape in the letters of jaxlm/axes.py (B batch, L length, S key length, D width,
+H heads, G kv heads, K head dim, F MLP width, V vocab).
+
+Decoding (jaxlm/sample.py) passes an explicit cache pytree instead of using flax's mutable
+"cache" collection: `apply(params, tokens_BxL, positions_BxL=..., cache=cache)` returns
+`(logits_BxLxV, new_cache)`, so prefill and decode steps are plain pure functions whose state
+can be carried through `lax.while_loop`. Slot s of a layer's cache holds the key and value of
+the token at position s, so each row of a batch can be at its own position and no padding mask
+is needed. Without a cache the call is the training forward pass and returns logits only.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import dataclasses
 import math
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -71,6 +79,23 @@ class ModelConfig:
     return self.d_ff or 4 * self.d_model
 
 
+@flax.struct.dataclass
+class LayerCache:
+  """Keys and values of one attention layer for S = block_size slots (slot s = position s)."""
+  k_BxSxGxK: jax.Array
+  v_BxSxGxK: jax.Array
+
+
+Cache = tuple[LayerCache, ...]  # One LayerCache per block, h_0 first.
+
+
+def init_cache(cfg: ModelConfig, batch_size: int) -> Cache:
+  """An empty (all-zero) cache in the compute dtype; nothing in it is visible until written."""
+  shape = (batch_size, cfg.block_size, cfg.kv_heads, cfg.head_dim)
+  zeros = lambda: jnp.zeros(shape, DTYPES[cfg.dtype])
+  return tuple(LayerCache(k_BxSxGxK=zeros(), v_BxSxGxK=zeros()) for _ in range(cfg.n_layer))
+
+
 def _init(std: float, names: tuple[str | None, ...]) -> nn.initializers.Initializer:
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
 
@@ -100,7 +125,8 @@ class CausalSelfAttention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool, positions_BxL: jax.Array | None = None,
+               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
     cfg = self.cfg
     H, G, K = cfg.n_head, cfg.kv_heads, cfg.head_dim
     dense = dict(use_bias=cfg.bias, dtype=DTYPES[cfg.dtype],
@@ -116,12 +142,25 @@ class CausalSelfAttention(nn.Module):
     k_BxSxGxK, v_BxSxGxK = kv_BxLx2xGxK[:, :, 0], kv_BxLx2xGxK[:, :, 1]
 
     B, L = x_BxLxD.shape[:2]
+    if cache is not None:
+      # Write the new keys/values at their positions, then attend over every slot up to each
+      # query's own position: slots after it are stale or empty and stay masked.
+      rows_Bx1 = jnp.arange(B)[:, None]
+      cache = LayerCache(k_BxSxGxK=cache.k_BxSxGxK.at[rows_Bx1, positions_BxL].set(k_BxSxGxK),
+                         v_BxSxGxK=cache.v_BxSxGxK.at[rows_Bx1, positions_BxL].set(v_BxSxGxK))
+      k_BxSxGxK, v_BxSxGxK = cache.k_BxSxGxK, cache.v_BxSxGxK
     # Grouped-query attention: each of the G kv heads serves R = H // G query heads.
     q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
     scores_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK,
                                   preferred_element_type=jnp.float32) / math.sqrt(K)
-    causal_LxS = jnp.tril(jnp.ones((L, L), dtype=bool))
-    scores_BxGxRxLxS = jnp.where(causal_LxS, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
+    if cache is None:
+      causal_LxS = jnp.tril(jnp.ones((L, L), dtype=bool))
+      scores_BxGxRxLxS = jnp.where(causal_LxS, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
+    else:
+      S = k_BxSxGxK.shape[1]
+      visible_BxLxS = jnp.arange(S)[None, None, :] <= positions_BxL[:, :, None]
+      scores_BxGxRxLxS = jnp.where(visible_BxLxS[:, None, None], scores_BxGxRxLxS,
+                                   jnp.finfo(jnp.float32).min)
     probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1)
     probs_BxGxRxLxS = nn.Dropout(cfg.dropout)(probs_BxGxRxLxS, deterministic=not train)
     out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS.astype(v_BxSxGxK.dtype),
@@ -132,7 +171,7 @@ class CausalSelfAttention(nn.Module):
         kernel_init=_init(INIT_STD / math.sqrt(2 * cfg.n_layer),
                           (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
         bias_init=_zeros((axes.EMBED,)), name="out", **dense)(out_BxLxHxK)
-    return nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=not train)
+    return nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=not train), cache
 
 
 class MLP(nn.Module):
@@ -158,24 +197,38 @@ class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, *, train: bool, positions_BxL: jax.Array | None = None,
+               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
     cfg, dtype = self.cfg, x_BxLxD.dtype
     h_BxLxD = layer_norm(cfg, "ln_1")(x_BxLxD).astype(dtype)
-    x_BxLxD = x_BxLxD + CausalSelfAttention(cfg, name="attn")(h_BxLxD, train=train)
+    attn_BxLxD, cache = CausalSelfAttention(cfg, name="attn")(
+        h_BxLxD, train=train, positions_BxL=positions_BxL, cache=cache)
+    x_BxLxD = x_BxLxD + attn_BxLxD
     h_BxLxD = layer_norm(cfg, "ln_2")(x_BxLxD).astype(dtype)
-    return x_BxLxD + MLP(cfg, name="mlp")(h_BxLxD, train=train)
+    return x_BxLxD + MLP(cfg, name="mlp")(h_BxLxD, train=train), cache
 
 
 class GPT(nn.Module):
-  """tokens_BxL -> logits_BxLxV (float32)."""
+  """tokens_BxL -> logits_BxLxV (float32); with a cache, -> (logits_BxLxV, updated cache)."""
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, tokens_BxL: jax.Array, *, train: bool = False) -> jax.Array:
+  def __call__(self, tokens_BxL: jax.Array, *, train: bool = False,
+               positions_BxL: jax.Array | None = None,
+               cache: Cache | None = None) -> jax.Array | tuple[jax.Array, Cache]:
+    """Without `cache`: the training forward pass over positions 0..L-1.
+
+    With `cache` (from `init_cache` or a previous call) and `positions_BxL` (each token's
+    position, which is also its cache slot; must be < block_size): writes the tokens' keys and
+    values into the cache and returns the logits and the new cache. Queries see every slot up
+    to their own position, so a prompt can be fed in one call or in pieces.
+    """
     cfg = self.cfg
     L = tokens_BxL.shape[1]
     if L > cfg.block_size:
       raise JaxlmError(f"sequence length {L} exceeds model.block_size={cfg.block_size}")
+    if cache is not None and positions_BxL is None:
+      raise JaxlmError("decoding with a cache needs positions_BxL (each token's position)")
     # Embedding lookups are free, so the tables are kept (and read) in float32.
     wte = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.float32,
                    param_dtype=DTYPES[cfg.param_dtype],
@@ -183,19 +236,28 @@ class GPT(nn.Module):
     wpe = nn.Embed(cfg.block_size, cfg.d_model, dtype=jnp.float32,
                    param_dtype=DTYPES[cfg.param_dtype],
                    embedding_init=_init(INIT_STD, (None, axes.EMBED)), name="wpe")
-    x_BxLxD = wte(tokens_BxL) + wpe(jnp.arange(L))[None]
+    if positions_BxL is None:
+      x_BxLxD = wte(tokens_BxL) + wpe(jnp.arange(L))[None]
+    else:
+      x_BxLxD = wte(tokens_BxL) + wpe(positions_BxL)
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=not train)
     x_BxLxD = x_BxLxD.astype(DTYPES[cfg.dtype])
+    new_cache = []
     for i in range(cfg.n_layer):
-      x_BxLxD = Block(cfg, name=f"h_{i}")(x_BxLxD, train=train)
+      x_BxLxD, layer_cache = Block(cfg, name=f"h_{i}")(
+          x_BxLxD, train=train, positions_BxL=positions_BxL,
+          cache=None if cache is None else cache[i])
+      new_cache.append(layer_cache)
     x_BxLxD = layer_norm(cfg, "ln_f")(x_BxLxD)
     if cfg.tie_embeddings:
       # Weight tying (Press & Wolf, 2017): the output head reuses the token embedding.
-      return wte.attend(x_BxLxD)
-    return nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32,
-                    param_dtype=DTYPES[cfg.param_dtype],
-                    kernel_init=_init(INIT_STD, (axes.EMBED, axes.VOCAB)),
-                    name="lm_head")(x_BxLxD)
+      logits_BxLxV = wte.attend(x_BxLxD)
+    else:
+      logits_BxLxV = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.float32,
+                              param_dtype=DTYPES[cfg.param_dtype],
+                              kernel_init=_init(INIT_STD, (axes.EMBED, axes.VOCAB)),
+                              name="lm_head")(x_BxLxD)
+    return logits_BxLxV if cache is None else (logits_BxLxV, tuple(new_cache))
 
 
 def make_model(cfg: ModelConfig) -> GPT:
