@@ -215,19 +215,33 @@ def decode(params: PyTree, state: DecodeState, num_steps: jax.Array, *, model: m
            settings: SampleSettings) -> DecodeState:
   """Up to `num_steps` more tokens (fewer at max_new_tokens, or once every row is done)."""
   cfg, s = model.cfg, settings
-  B, T = state.tokens_BxT.shape
+  B = state.tokens_BxT.shape[0]
   S, keep = cfg.block_size, _slide_keep(settings, cfg)
   vocab_size = s.vocab_size or cfg.vocab_size
   rows_B = jnp.arange(B)
   stop = jnp.minimum(state.step + num_steps, s.max_new_tokens)
 
-  def feed(token_B, position_B, cache):
-    logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None],
-                                      positions_BxL=position_B[:, None], cache=cache)
-    return logits_Bx1xV[:, 0, :vocab_size], cache
-
   def keep_going(st: DecodeState) -> jax.Array:
     return (st.step < stop) & ~jnp.all(st.done_B)
+
+  def full_B(st: DecodeState) -> jax.Array:
+    """Rows whose window has no slot left for their next token."""
+    return ~st.done_B & (st.lengths_B - st.start_B >= S)
+
+  def slide(st: DecodeState) -> DecodeState:
+    """Rebuilds the cache of every full row from its last keep - 1 tokens, so that its next
+    token lands at position keep - 1. The next-token logits, computed over the full window,
+    stay as they are."""
+    new_start_B = st.lengths_B - (keep - 1)
+    if keep > 1:
+      _, cache = _encode_window(params, st.tokens_BxT, new_start_B, st.lengths_B, keep - 1,
+                                model=model, vocab_size=vocab_size)
+    else:
+      cache = model_lib.init_cache(cfg, B)
+    slide_B = full_B(st)
+    pick = lambda new, old: jnp.where(slide_B.reshape((B,) + (1,) * (new.ndim - 1)), new, old)
+    return st.replace(cache=jax.tree.map(pick, cache, st.cache),
+                      start_B=jnp.where(slide_B, new_start_B, st.start_B))
 
   def one_token(st: DecodeState) -> DecodeState:
     token_B = sample_token(st.logits_BxV, jax.random.fold_in(st.rng, st.step),
@@ -235,39 +249,24 @@ def decode(params: PyTree, state: DecodeState, num_steps: jax.Array, *, model: m
     active_B = ~st.done_B
     token_B = jnp.where(active_B, token_B, 0)
     tokens_BxT = st.tokens_BxT.at[rows_B, st.lengths_B].set(token_B)
-    lengths_B = st.lengths_B + active_B.astype(jnp.int32)
     done_B = st.done_B
     if s.end_token is not None:
       done_B = done_B | (active_B & (token_B == s.end_token))
-    # The new token goes in at the next position, unless the row's window is full.
-    position_B = st.lengths_B - st.start_B
-    slide_B = active_B & (position_B >= S)
-    # Finished or sliding rows feed a dummy position: their cache is never read again or is
-    # rebuilt below.
-    safe_position_B = jnp.where(slide_B | st.done_B, 0, position_B)
+    # Finished rows feed a dummy token at position 0: their cache is never read again.
+    position_B = jnp.where(active_B, st.lengths_B - st.start_B, 0)
+    logits_Bx1xV, cache = model.apply({"params": params}, token_B[:, None],
+                                      positions_BxL=position_B[:, None], cache=st.cache)
+    return st.replace(tokens_BxT=tokens_BxT, lengths_B=st.lengths_B + active_B.astype(jnp.int32),
+                      cache=cache, logits_BxV=logits_Bx1xV[:, 0, :vocab_size], done_B=done_B,
+                      step=st.step + 1)
 
-    def step_only(cache):
-      logits_BxV, cache = feed(token_B, safe_position_B, cache)
-      return logits_BxV, cache, st.start_B
+  def segment(st: DecodeState) -> DecodeState:
+    # Sliding sits outside the per-token loop so that the loop body has no conditional: the
+    # cache is then updated in place (through a lax.cond, XLA copies it every token).
+    st = jax.lax.cond(jnp.any(full_B(st)), slide, lambda st: st, st)
+    return jax.lax.while_loop(lambda st: keep_going(st) & ~jnp.any(full_B(st)), one_token, st)
 
-    def step_and_slide(cache):
-      logits_BxV, cache = feed(token_B, safe_position_B, cache)
-      new_start_B = lengths_B - keep
-      slid_logits_BxV, slid_cache = _encode_window(
-          params, tokens_BxT, new_start_B, lengths_B, keep, model=model, vocab_size=vocab_size)
-
-      def pick(slid, kept):
-        return jnp.where(slide_B.reshape((B,) + (1,) * (slid.ndim - 1)), slid, kept)
-      return (pick(slid_logits_BxV, logits_BxV), jax.tree.map(pick, slid_cache, cache),
-              jnp.where(slide_B, new_start_B, st.start_B))
-
-    logits_BxV, cache, start_B = jax.lax.cond(jnp.any(slide_B), step_and_slide, step_only,
-                                              st.cache)
-    return DecodeState(tokens_BxT=tokens_BxT, lengths_B=lengths_B,
-                       prompt_lengths_B=st.prompt_lengths_B, start_B=start_B, cache=cache,
-                       logits_BxV=logits_BxV, done_B=done_B, step=st.step + 1, rng=st.rng)
-
-  return jax.lax.while_loop(keep_going, one_token, state)
+  return jax.lax.while_loop(keep_going, segment, state)
 
 
 def new_tokens(state: DecodeState, max_new_tokens: int) -> tuple[jax.Array, jax.Array]:

@@ -135,7 +135,7 @@ def test_greedy_equals_repeated_argmax_of_the_full_forward_pass():
     assert len(set(expected)) > 3  # Not a degenerate repeat of one token.
 
 
-@pytest.mark.parametrize("slide_keep", [0, 16, 5])
+@pytest.mark.parametrize("slide_keep", [0, 16, 1])
 def test_greedy_past_block_size_slides_the_window(slide_keep):
   model, params = make()
   keep = slide_keep or 16 - 16 // 4
