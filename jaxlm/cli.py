@@ -1,11 +1,12 @@
 """The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.K=V ...]`.
 
-Commands: train, sample. Each command parses flags, hands the locked config to the library and
-prints bad input as one line (`jaxlm: error: ...`) instead of a traceback.
+Commands: train, eval, sample. Each command parses flags, hands the locked config to the
+library and prints bad input as one line (`jaxlm: error: ...`) instead of a traceback.
 """
 
 from __future__ import annotations
 
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -17,6 +18,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a Python file with get_config()); override any "
     "key with --config.section.key=value.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
+_STEP = flags.DEFINE_string("step", None, "Checkpoint to load: a step number, 'latest' (the "
+                            "default) or 'best' (lowest validation loss).")
+_EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "Batches to evaluate (default: the run's "
+                                   "train.eval_steps).")
 
 # `jaxlm sample` flags; None = the value in the run's config.json `sample` section.
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue (default: sample.prompt).")
@@ -33,10 +38,13 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the 
 USAGE = """usage: jaxlm <command> [flags]
 
 commands:
-  train   train a model:  jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
+  train   train a model, or resume it:
+            jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
+  eval    evaluate a checkpoint:  jaxlm eval --workdir runs/sc [--step N|best]
   sample  generate text from a trained run:
             jaxlm sample --workdir runs/sc --prompt "ROMEO:" --temperature 0.8 --top_k 40 \\
-                --top_p 0.95 [--max_new_tokens N] [--num_samples N] [--seed N] [--prompt_file F]
+                --top_p 0.95 [--max_new_tokens N] [--num_samples N] [--seed N] [--step N|best]
+                [--prompt_file F]
 """
 
 
@@ -51,6 +59,26 @@ def cmd_train(argv: list[str]) -> None:
   _require(_WORKDIR.value, "workdir")
   from jaxlm import train  # Imported here so that `jaxlm --help` does not load jax.
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+def _step_flag() -> int | str | None:
+  value = _STEP.value
+  if value is None or value in ("latest", "best"):
+    return value
+  try:
+    return int(value)
+  except ValueError:
+    raise JaxlmError(f"--step must be a number, 'latest' or 'best', got {value!r}") from None
+
+
+def cmd_eval(argv: list[str]) -> None:
+  del argv
+  _require(_WORKDIR.value, "workdir")
+  from jaxlm import train
+  result = train.evaluate_run(_WORKDIR.value, step=_step_flag(), eval_steps=_EVAL_STEPS.value)
+  print(f"step {result['step']} | val loss {result['val/loss']:.4f} | val perplexity "
+        f"{result['val/perplexity']:.3f} | val bits/token {result['val/bits_per_token']:.4f} | "
+        f"{result['tokens']:,} tokens")
 
 
 def _read_prompt() -> str | None:
@@ -77,7 +105,7 @@ def cmd_sample(argv: list[str]) -> None:
   import jax
 
   from jaxlm import sample, train
-  run = train.load_run(_WORKDIR.value)
+  run = train.load_run(_WORKDIR.value, step=_step_flag())
   saved = run.cfg.sample
   choose = lambda flag, default: default if flag.value is None else flag.value
   settings = sample.SampleSettings(
@@ -108,7 +136,17 @@ def cmd_sample(argv: list[str]) -> None:
                result.compile_seconds)
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Hides orbax's per-save bookkeeping and JAX's backend probing unless --verbosity >= 1."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.ERROR or logging.get_verbosity() >= 1:
+      return True
+    path = record.pathname.replace("\\", "/")
+    return "/orbax/" not in path and not path.endswith("xla_bridge.py")
 
 
 def main(argv: list[str]) -> None:
@@ -116,12 +154,17 @@ def main(argv: list[str]) -> None:
     got = f"unknown command {argv[1]!r}\n" if len(argv) > 1 else ""
     sys.stderr.write(got + USAGE)
     sys.exit(2)
+  for handler in py_logging.getLogger().handlers + [logging.get_absl_handler()]:
+    handler.addFilter(_QuietLibraries())
   try:
     COMMANDS[argv[1]](argv[2:])
   except JaxlmError as e:
     logging.flush()
     sys.stderr.write(f"jaxlm: error: {e}\n")
     sys.exit(2)
+  except KeyboardInterrupt:
+    sys.stderr.write("jaxlm: aborted\n")
+    sys.exit(130)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
