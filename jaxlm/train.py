@@ -23,7 +23,7 @@ from absl import logging
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import data as data_lib
-from jaxlm import evaluate, losses, metrics, optim, sharding, tokenizers
+from jaxlm import evaluate, losses, metrics, optim, sample, sharding, tokenizers
 from jaxlm import model as model_lib
 from jaxlm.errors import JaxlmError
 
@@ -124,6 +124,9 @@ def init_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
   """(init_rng, dropout_rng): the parameter init key and the base key of dropout."""
   init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
   return init_rng, dropout_rng
+
+
+SAMPLE_RNG_STREAM = 3  # samples.txt at step s uses fold_in(fold_in(key(seed), 3), s).
 
 
 class StopRequest:
@@ -301,6 +304,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   eval_fn = jax.jit(functools.partial(evaluate.eval_step, model=model),
                     in_shardings=(state_shardings.params, batch_sharding),
                     out_shardings=sharding.replicated(mesh))
+  sampler = sample.make_sampler(model, sample.SampleSettings.from_config(
+      cfg.sample, dataset.tokenizer.vocab_size))
+  sample.encode_prompts(dataset.tokenizer, [cfg.sample.prompt])  # A bad prompt fails now.
 
   n_params = count_params(state.params)
   tokens_per_step = cfg.train.batch_size * mcfg.block_size
@@ -343,7 +349,26 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
     logging.info("eval  step %d | train loss %.4f | val loss %.4f | val ppl %.2f | "
                  "val bits/token %.4f", step, results["train/loss"], results["val/loss"],
                  results["val/perplexity"], results["val/bits_per_token"])
+    write_sample(step)
     return results
+
+  sample_rng = jax.random.fold_in(jax.random.key(cfg.seed), SAMPLE_RNG_STREAM)
+  last_sampled = -1
+
+  def write_sample(step: int) -> None:
+    """Appends a sample from the current params to samples.txt (once per step)."""
+    nonlocal last_sampled
+    if step == last_sampled:
+      return
+    last_sampled = step
+    # Every process samples (the params may be sharded across them); process 0 writes.
+    result = sample.sample_text(sampler, state.params, dataset.tokenizer, [cfg.sample.prompt],
+                                jax.random.fold_in(sample_rng, step))
+    if is_main:
+      sample.append_samples(os.path.join(workdir, "samples.txt"), step, cfg.sample.prompt,
+                            result.texts)
+    logging.info("sample  step %d | %d tokens at %.0f tokens/s -> samples.txt", step,
+                 result.num_tokens, result.tokens_per_sec)
 
   def save(step: int, val_loss: float | None) -> None:
     t0 = time.perf_counter()
@@ -415,6 +440,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
     ckpt.close()
     writer.close()
   logging.info("checkpoints finished writing in %.2fs", time.perf_counter() - t0)
+  if not stopped_early:
+    write_sample(step)
 
   wall = time.perf_counter() - t_start
   if stopped_early:

@@ -1,15 +1,20 @@
 """Sampling: cache vs full forward, greedy vs argmax, filter statistics, seeds, errors, CLI."""
 
 import functools
+import json
+import os
+import re
+import shutil
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_one_line_error, load_config, run_jaxlm
 
 from jaxlm import model as model_lib
-from jaxlm import sample, tokenizers
+from jaxlm import sample, tokenizers, train
 from jaxlm.errors import JaxlmError
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, d_model=32)
@@ -337,3 +342,85 @@ def test_bad_prompts_are_one_line_errors():
   with pytest.raises(JaxlmError) as e:
     sample.encode_prompts(tok, ["ROMEO: ☃ #"])
   assert "'#☃'" in str(e.value) and "\n" not in str(e.value)  # Names the unknown characters.
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained run: the samples.txt hook, and `jaxlm sample` end to end.
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A smoke run of 4 steps with evaluations (and so samples) at steps 0, 2 and 4."""
+  workdir = str(tmp_path_factory.mktemp("sample") / "run")
+  cfg = load_config("smoke")
+  cfg.train.steps, cfg.train.eval_every, cfg.train.eval_steps = 4, 2, 1
+  cfg.sample.prompt, cfg.sample.max_new_tokens = "ROMEO:", 24
+  train.train_and_evaluate(cfg, workdir)
+  return workdir
+
+
+@pytest.mark.slow
+def test_training_appends_a_sample_at_each_evaluation_and_the_end(trained):
+  with open(os.path.join(trained, "samples.txt"), encoding="utf-8") as f:
+    parts = re.split(r"== step (\d+) ==\n", f.read())
+  assert parts[0] == "" and parts[1::2] == ["0", "2", "4"]
+  for text in parts[2::2]:  # The prompt, 24 sampled characters and a newline.
+    assert text.startswith("ROMEO:") and len(text) == len("ROMEO:") + 24 + 1
+
+
+def sample_cli(workdir, *args):
+  return run_jaxlm("sample", "--workdir", workdir, *args)
+
+
+@pytest.mark.slow
+def test_cli_streams_a_sample_and_reports_tokens_per_second(trained):
+  proc = sample_cli(trained, "--prompt", "JULIET:", "--max_new_tokens", "40", "--temperature",
+                    "0.8", "--top_k", "40", "--top_p", "0.95", "--seed", "0")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith("JULIET:") and len(proc.stdout) == len("JULIET:") + 40 + 1
+  assert "40 tokens" in proc.stderr and "tokens/s" in proc.stderr
+  again = sample_cli(trained, "--prompt", "JULIET:", "--max_new_tokens", "40", "--temperature",
+                     "0.8", "--top_k", "40", "--top_p", "0.95", "--seed", "0")
+  other = sample_cli(trained, "--prompt", "JULIET:", "--max_new_tokens", "40", "--temperature",
+                     "0.8", "--top_k", "40", "--top_p", "0.95", "--seed", "1")
+  assert again.stdout == proc.stdout and other.stdout != proc.stdout
+
+
+@pytest.mark.slow
+def test_cli_defaults_come_from_the_runs_config_and_prompt_file_works(trained, tmp_path):
+  proc = sample_cli(trained, "--num_samples", "3")  # sample.prompt "ROMEO:", 24 new tokens.
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  samples = proc.stdout.split("---------------\n")
+  assert len(samples) == 4 and samples[-1] == ""
+  assert all(s.startswith("ROMEO:") and len(s) == len("ROMEO:") + 24 + 1 for s in samples[:3])
+  assert len(set(samples[:3])) == 3
+  prompt_file = tmp_path / "prompt.txt"
+  prompt_file.write_text("KING:\n", encoding="utf-8")
+  proc = sample_cli(trained, "--prompt_file", str(prompt_file), "--temperature", "0")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith("KING:\n") and len(proc.stdout) == len("KING:\n") + 24 + 1
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--top_k", "-1"], "top_k must be >= 0"),
+    (["--top_k", "1000"], "top_k=1000 is larger than the vocabulary (65 tokens)"),
+    (["--top_p", "0"], "top_p must be in (0, 1]"),
+    (["--top_p", "1.5"], "top_p must be in (0, 1]"),
+    (["--prompt", ""], "prompt is empty"),
+    (["--prompt", "ROMEO: ☃"], "'☃'"),
+    (["--prompt_file", "/nonexistent/prompt.txt"], "cannot read --prompt_file"),
+    (["--num_samples", "0"], "--num_samples must be >= 1"),
+])
+def test_cli_bad_input_is_a_one_line_error(trained, args, fragment):
+  assert_one_line_error(sample_cli(trained, *args), fragment)
+
+
+def test_cli_workdir_without_a_checkpoint(trained, tmp_path):
+  assert_one_line_error(sample_cli(str(tmp_path / "missing")), "no run in")
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  for name in ("config.json", "tokenizer.json"):
+    shutil.copy(os.path.join(trained, name), bare / name)
+  assert json.loads((bare / "config.json").read_text())["sample"]["prompt"] == "ROMEO:"
+  assert_one_line_error(sample_cli(str(bare)), "no checkpoint in")
