@@ -261,8 +261,9 @@ def decode(params: PyTree, state: DecodeState, num_steps: jax.Array, *, model: m
                       step=st.step + 1)
 
   def segment(st: DecodeState) -> DecodeState:
-    # Sliding sits outside the per-token loop so that the loop body has no conditional: the
-    # cache is then updated in place (through a lax.cond, XLA copies it every token).
+    # Sliding sits outside the per-token loop so that the loop body has no conditional and
+    # XLA updates the cache in place (with a lax.cond in the per-token body, the compiled
+    # loop copied every layer's cache on every token).
     st = jax.lax.cond(jnp.any(full_B(st)), slide, lambda st: st, st)
     return jax.lax.while_loop(lambda st: keep_going(st) & ~jnp.any(full_B(st)), one_token, st)
 
