@@ -317,6 +317,17 @@ def test_streaming_in_chunks_gives_the_same_text():
   assert streamed.num_tokens == 37 and streamed.tokens_per_sec > 0
 
 
+def test_streaming_bytes_never_splits_a_character():
+  tok = tokenizers.ByteTokenizer()
+  model, params = make(vocab_size=256)
+  sampler = sample.make_sampler(model, sample.SampleSettings(max_new_tokens=40, temperature=2.0))
+  pieces = []
+  result = sample.sample_text(sampler, params, tok, ["é€"], jax.random.key(0),
+                              on_text=pieces.append, chunk_tokens=3)
+  # Random bytes are mostly invalid UTF-8: the stream must still add up to the final text.
+  assert len(pieces) > 1 and "".join(pieces) == result.texts[0]
+
+
 @pytest.mark.parametrize("settings, message", [
     (dict(temperature=-0.5), "temperature must be >= 0"),
     (dict(top_k=-1), "top_k must be >= 0"),
@@ -411,6 +422,7 @@ def test_cli_defaults_come_from_the_runs_config_and_prompt_file_works(trained, t
     (["--prompt", "ROMEO: ☃"], "'☃'"),
     (["--prompt_file", "/nonexistent/prompt.txt"], "cannot read --prompt_file"),
     (["--num_samples", "0"], "--num_samples must be >= 1"),
+    (["--step", "3"], "no checkpoint at step 3"),
 ])
 def test_cli_bad_input_is_a_one_line_error(trained, args, fragment):
   assert_one_line_error(sample_cli(trained, *args), fragment)
