@@ -216,7 +216,7 @@ class GPT(nn.Module):
   def __call__(self, tokens_BxL: jax.Array, *, train: bool = False,
                positions_BxL: jax.Array | None = None,
                cache: Cache | None = None) -> jax.Array | tuple[jax.Array, Cache]:
-    """Without `cache`: the training forward pass over positions 0..L-1.
+    """Without `cache`: the training forward pass (positions 0..L-1 unless given).
 
     With `cache` (from `init_cache` or a previous call) and `positions_BxL` (each token's
     position, which is also its cache slot; must be < block_size): writes the tokens' keys and
