@@ -1,7 +1,7 @@
 """Text generation: sampling filters, and KV-cache prefill + decode in one jitted loop.
 
 How it works, and the choices made:
-- Cache: `model.init_cache` gives one `LayerCache(k_BxSxGxK, v_BxSxGxK)` per block with
+- Cache: `model.init_cache` gives one `LayerCache(k_BxGxSxK, v_BxGxSxK)` per block with
   S = block_size slots; slot s holds the key and value of the token at position s. It is an
   explicit pytree rather than flax's mutable "cache" collection, so `prefill` and `decode` are
   plain pure functions and their `DecodeState` is an ordinary value that a `lax.while_loop`
