@@ -30,6 +30,7 @@ def get_config():
   c.train.eval_every = 250
   c.train.eval_steps = 20
   c.train.log_every = 50
+  c.train.log_params_every = 100  # Per-layer norms and update ratios: which layers learn.
 
   c.checkpoint.every = 500
   return c

@@ -52,6 +52,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 2000  # Steps between evaluations (and at the end).
   c.train.eval_steps = 20  # Batches per evaluation, fixed across evaluations.
   c.train.log_every = 10  # Steps between log lines; metrics leave the device only then.
+  # Steps between per-layer parameter norms, gradient norms and update/parameter ratios in
+  # metrics.jsonl (params/norm/h_0, grads/norm/h_0, update_ratio/h_0, ...); a multiple of
+  # log_every; 0 = off. They are reduced inside the jitted step, so they cost no extra sync.
+  c.train.log_params_every = 0
   c.train.z_loss = 0.0  # Coefficient of PaLM's z-loss; 0 = off.
   c.train.init_from = ""  # Workdir or checkpoint path to take initial params from.
 

@@ -63,6 +63,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   for key in ("steps", "eval_every"):
     if t[key] < 0:
       raise JaxlmError(f"train.{key} must be >= 0, got {t[key]}")
+  if t.log_params_every < 0 or (t.log_params_every and t.log_params_every % t.log_every):
+    raise JaxlmError(f"train.log_params_every={t.log_params_every} must be 0 (off) or a "
+                     f"multiple of train.log_every={t.log_every}: the stats leave the device "
+                     "only on log steps")
   if t.batch_size % t.grad_accum:
     raise JaxlmError(f"train.batch_size={t.batch_size} is not divisible by "
                      f"train.grad_accum={t.grad_accum}")
@@ -99,6 +103,12 @@ def matmul_params(params: PyTree) -> int:
 # Pure functions: init, loss, train step.
 # ---------------------------------------------------------------------------------------------
 
+def init_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(init_rng, dropout_rng) of a run: `jaxlm params` recomputes the init from the same key."""
+  init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
+  return init_rng, dropout_rng
+
+
 def init_boxed_state(rng: jax.Array, *, model: model_lib.GPT,
                      tx: optax.GradientTransformation) -> TrainState:
   """The initial state with flax `Partitioned` boxes still on (they carry the logical axes)."""
@@ -116,8 +126,13 @@ def loss_fn(params: PyTree, batch: dict[str, jax.Array], rng: jax.Array, *,
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Array, *,
                model: model_lib.GPT, tx: optax.GradientTransformation, grad_accum: int = 1,
-               z_loss: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
-  """forward -> loss -> grads (averaged over `grad_accum` microbatches) -> optax update."""
+               z_loss: float = 0.0,
+               layer_stats: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+  """forward -> loss -> grads (averaged over `grad_accum` microbatches) -> optax update.
+
+  With `layer_stats`, the metrics also hold metrics.layer_stats of the new params, the
+  (unclipped) grads and the updates.
+  """
   # Dropout randomness is a function of the step: nothing random is carried in the state.
   rng = jax.random.fold_in(base_rng, state.step)
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, z_loss=z_loss),
@@ -145,8 +160,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                     "param_norm": optax.tree.norm(params)}
+  step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                  "param_norm": optax.tree.norm(params)}
+  if layer_stats:
+    step_metrics.update(metrics.layer_stats(params, grads, updates))
+  return new_state, step_metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +213,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   total_steps = cfg.train.steps
   tx = optim.make_optimizer(cfg.optim, total_steps)
   schedule = optim.make_schedule(cfg.optim, total_steps)
-  init_rng, dropout_rng = jax.random.split(jax.random.key(cfg.seed))
+  init_rng, dropout_rng = init_rngs(cfg.seed)
   init_fn = functools.partial(init_boxed_state, model=model, tx=tx)
   abstract_state = jax.eval_shape(init_fn, init_rng)
   state_shardings = sharding.logical_shardings(abstract_state, mesh, rules)
@@ -204,7 +222,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.train.grad_accum,
-                        z_loss=cfg.train.z_loss),
+                        z_loss=cfg.train.z_loss, layer_stats=cfg.train.log_params_every > 0),
       in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
       out_shardings=(state_shardings, sharding.replicated(mesh)),
       donate_argnums=(0,))
@@ -262,6 +280,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   while step < total_steps:
     batch = first_batch if step == 0 else batch_at(dataset.train, step, data_lib.TRAIN_STREAM)
     state, step_metrics = step_fn(state, batch, dropout_rng)
+    # Per-layer stats stay on the device; only a log_params_every step fetches them.
+    layer_stats = {k: step_metrics.pop(k) for k in list(step_metrics)
+                   if k.startswith(metrics.LAYER_STAT_PREFIXES)}
     pending.append(step_metrics)
     step += 1
     done = step == total_steps
@@ -279,11 +300,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       tokens_per_sec = tokens_per_step / sec_per_step
       mfu = flops_per_token * tokens_per_sec / peak_flops
       lr = float(schedule(step - 1))
+      log_params = cfg.train.log_params_every and step % cfg.train.log_params_every == 0
+      layer_record = jax.device_get(layer_stats) if log_params else {}
       writer.write(step, {"train/loss": loss, "lr": lr,
                           "grad_norm": float(fetched[-1]["grad_norm"]),
                           "param_norm": float(fetched[-1]["param_norm"]),
                           "tokens_per_sec": tokens_per_sec, "ms_per_step": 1e3 * sec_per_step,
-                          "mfu": mfu})
+                          "mfu": mfu, **layer_record})
       logging.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s | %.1f ms/step | MFU %.1f%% | "
                    "ETA %s", step, total_steps, loss, lr, f"{tokens_per_sec:,.0f}",
                    1e3 * sec_per_step, 100 * mfu,
