@@ -1,7 +1,7 @@
-"""The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.KEY=VALUE ...]`.
+"""The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.KEY=VAL ...]`.
 
-Commands: train. Each command parses flags, hands the locked config to the library and prints
-bad input as one line (`jaxlm: error: ...`) instead of a traceback.
+Commands: train, params. Each command parses flags, hands the locked config to the library and
+prints bad input as one line (`jaxlm: error: ...`) instead of a traceback.
 """
 
 from __future__ import annotations
@@ -17,11 +17,29 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a Python file with get_config()); override any "
     "key with --config.section.key=value.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
+# `jaxlm params` flags.
+_FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "params: report format.")
+_DEVICE = flags.DEFINE_string(
+    "device", None, "params: target device by name, e.g. 'TPU v4' or 'NVIDIA A100-SXM4-80GB' "
+    "(sets --peak_tflops and --device_memory_gb unless they are given).")
+_PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops", None, "params: peak TFLOP/s of one device, for the step-time estimate.")
+_DEVICE_MEMORY_GB = flags.DEFINE_float(
+    "device_memory_gb", None, "params: memory of one device in GiB; warns if the run won't fit.")
+_MFU = flags.DEFINE_float("mfu", 0.4, "params: model FLOPs utilisation assumed for step time.")
+_NUM_DEVICES = flags.DEFINE_integer(
+    "num_devices", None, "params: devices of the target (default: this machine's).")
+_STEP = flags.DEFINE_integer("step", None, "params --workdir: checkpoint step (default: last).")
+_PLOT = flags.DEFINE_string("plot", None, "params --workdir: write a PNG of drift per layer.")
 
 USAGE = """usage: jaxlm <command> [flags]
 
 commands:
   train   train a model:  jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
+  params  what the parameters are, what they cost, whether a config fits (nothing allocated):
+            jaxlm params --config configs/gpt2_small.py [--device "TPU v4"] [--format json]
+          and, for a trained run, how far each tensor moved from its random init:
+            jaxlm params --workdir runs/sc [--step S] [--plot drift.png]
 """
 
 
@@ -38,7 +56,34 @@ def cmd_train(argv: list[str]) -> None:
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
-COMMANDS = {"train": cmd_train}
+def cmd_params(argv: list[str]) -> None:
+  del argv
+  if (_CONFIG.value is None) == (_WORKDIR.value is None):
+    raise JaxlmError("give --config (a config's parameters) or --workdir (a trained run's)")
+  import json
+
+  from jaxlm import params
+  if _WORKDIR.value is not None:
+    report = params.run_report(_WORKDIR.value, step=_STEP.value)
+    if _PLOT.value:
+      params.plot_drift(report, _PLOT.value)
+    text = params.format_run_text(report)
+  else:
+    if _STEP.value is not None or _PLOT.value:
+      raise JaxlmError("--step and --plot need --workdir (a trained run)")
+    import jax
+    report = params.config_report(
+        _CONFIG.value, config_path=config_flags.get_config_filename(flags.FLAGS["config"]),
+        n_devices=_NUM_DEVICES.value or jax.device_count(), device=_DEVICE.value or "",
+        peak_tflops=_PEAK_TFLOPS.value or 0.0, device_memory_gib=_DEVICE_MEMORY_GB.value or 0.0,
+        mfu=_MFU.value)
+    text = params.format_config_text(report)
+  for warning in report["warnings"]:
+    logging.warning("%s", warning)
+  sys.stdout.write(json.dumps(report, indent=2) + "\n" if _FORMAT.value == "json" else text)
+
+
+COMMANDS = {"train": cmd_train, "params": cmd_params}
 
 
 def main(argv: list[str]) -> None:
