@@ -1,11 +1,12 @@
-"""The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.KEY=VAL ...]`.
+"""The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.K=V ...]`.
 
-Commands: train, params. Each command parses flags, hands the locked config to the library and
-prints bad input as one line (`jaxlm: error: ...`) instead of a traceback.
+Commands: train, eval, params. Each command parses flags, hands the locked config to the
+library and prints bad input as one line (`jaxlm: error: ...`) instead of a traceback.
 """
 
 from __future__ import annotations
 
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -17,6 +18,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (a Python file with get_config()); override any "
     "key with --config.section.key=value.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
+_STEP = flags.DEFINE_string("step", None, "Checkpoint to load: a step number, 'latest' (the "
+                            "default) or 'best' (lowest validation loss).")
+_EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "Batches to evaluate (default: the run's "
+                                   "train.eval_steps).")
 # `jaxlm params` flags.
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "params: report format.")
 _DEVICE = flags.DEFINE_string(
@@ -29,17 +34,18 @@ _DEVICE_MEMORY_GB = flags.DEFINE_float(
 _MFU = flags.DEFINE_float("mfu", 0.4, "params: model FLOPs utilisation assumed for step time.")
 _NUM_DEVICES = flags.DEFINE_integer(
     "num_devices", None, "params: devices of the target (default: this machine's).")
-_STEP = flags.DEFINE_integer("step", None, "params --workdir: checkpoint step (default: last).")
 _PLOT = flags.DEFINE_string("plot", None, "params --workdir: write a PNG of drift per layer.")
 
 USAGE = """usage: jaxlm <command> [flags]
 
 commands:
-  train   train a model:  jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
+  train   train a model, or resume it:
+            jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
+  eval    evaluate a checkpoint:  jaxlm eval --workdir runs/sc [--step N|best]
   params  what the parameters are, what they cost, whether a config fits (nothing allocated):
             jaxlm params --config configs/gpt2_small.py [--device "TPU v4"] [--format json]
           and, for a trained run, how far each tensor moved from its random init:
-            jaxlm params --workdir runs/sc [--step S] [--plot drift.png]
+            jaxlm params --workdir runs/sc [--step N|best] [--plot drift.png]
 """
 
 
@@ -56,6 +62,26 @@ def cmd_train(argv: list[str]) -> None:
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
+def _step_flag() -> int | str | None:
+  value = _STEP.value
+  if value is None or value in ("latest", "best"):
+    return value
+  try:
+    return int(value)
+  except ValueError:
+    raise JaxlmError(f"--step must be a number, 'latest' or 'best', got {value!r}") from None
+
+
+def cmd_eval(argv: list[str]) -> None:
+  del argv
+  _require(_WORKDIR.value, "workdir")
+  from jaxlm import train
+  result = train.evaluate_run(_WORKDIR.value, step=_step_flag(), eval_steps=_EVAL_STEPS.value)
+  print(f"step {result['step']} | val loss {result['val/loss']:.4f} | val perplexity "
+        f"{result['val/perplexity']:.3f} | val bits/token {result['val/bits_per_token']:.4f} | "
+        f"{result['tokens']:,} tokens")
+
+
 def cmd_params(argv: list[str]) -> None:
   del argv
   if (_CONFIG.value is None) == (_WORKDIR.value is None):
@@ -64,7 +90,7 @@ def cmd_params(argv: list[str]) -> None:
 
   from jaxlm import params
   if _WORKDIR.value is not None:
-    report = params.run_report(_WORKDIR.value, step=_STEP.value)
+    report = params.run_report(_WORKDIR.value, step=_step_flag())
     if _PLOT.value:
       params.plot_drift(report, _PLOT.value)
     text = params.format_run_text(report)
@@ -83,7 +109,17 @@ def cmd_params(argv: list[str]) -> None:
   sys.stdout.write(json.dumps(report, indent=2) + "\n" if _FORMAT.value == "json" else text)
 
 
-COMMANDS = {"train": cmd_train, "params": cmd_params}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params}
+
+
+class _QuietLibraries(py_logging.Filter):
+  """Hides orbax's per-save bookkeeping and JAX's backend probing unless --verbosity >= 1."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    if record.levelno >= py_logging.ERROR or logging.get_verbosity() >= 1:
+      return True
+    path = record.pathname.replace("\\", "/")
+    return "/orbax/" not in path and not path.endswith("xla_bridge.py")
 
 
 def main(argv: list[str]) -> None:
@@ -91,12 +127,17 @@ def main(argv: list[str]) -> None:
     got = f"unknown command {argv[1]!r}\n" if len(argv) > 1 else ""
     sys.stderr.write(got + USAGE)
     sys.exit(2)
+  for handler in py_logging.getLogger().handlers + [logging.get_absl_handler()]:
+    handler.addFilter(_QuietLibraries())
   try:
     COMMANDS[argv[1]](argv[2:])
   except JaxlmError as e:
     logging.flush()
     sys.stderr.write(f"jaxlm: error: {e}\n")
     sys.exit(2)
+  except KeyboardInterrupt:
+    sys.stderr.write("jaxlm: aborted\n")
+    sys.exit(130)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -98,7 +98,8 @@ def _tokenize_cached(raw: bytes, digest: str, kind: str, cache_dir: str,
       with open(meta_path, encoding="utf-8") as f:
         meta = json.load(f)
       dtype = np.dtype(meta["dtype"])
-      if meta["sha256"] == digest and os.path.getsize(bin_path) == meta["n_tokens"] * dtype.itemsize:
+      size = meta["n_tokens"] * dtype.itemsize
+      if meta["sha256"] == digest and os.path.getsize(bin_path) == size:
         tokens = np.memmap(bin_path, dtype=dtype, mode="r")
         return tokens, tokenizers.from_json(meta["tokenizer"])
     except (OSError, ValueError, KeyError):

@@ -57,7 +57,8 @@ def base_config() -> ml_collections.ConfigDict:
   # log_every; 0 = off. They are reduced inside the jitted step, so they cost no extra sync.
   c.train.log_params_every = 0
   c.train.z_loss = 0.0  # Coefficient of PaLM's z-loss; 0 = off.
-  c.train.init_from = ""  # Workdir or checkpoint path to take initial params from.
+  c.train.init_from = ""  # Workdir of another run whose latest params start this one.
+  c.train.stop_at = 0  # Stop with a checkpoint after this step, as if preempted; 0 = off.
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every = 1000  # Steps between checkpoints (and at the end); 0 = only at the end.

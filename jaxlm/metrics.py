@@ -1,4 +1,4 @@
-"""Throughput arithmetic (FLOPs, MFU, peak) and the process-0 metrics writer (JSONL, TensorBoard)."""
+"""Throughput arithmetic (FLOPs, MFU, peak) and the process-0 metrics writer."""
 
 from __future__ import annotations
 
@@ -133,6 +133,12 @@ class MetricsWriter:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, global_step=int(step))
+
+  def __enter__(self) -> MetricsWriter:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
   def close(self) -> None:
     if self._jsonl is not None:

@@ -20,7 +20,7 @@ Rules = Sequence[tuple[str, Any]]
 def mesh_shape(sizes: dict[str, int], n_devices: int) -> tuple[int, ...]:
   """Resolves the (data, fsdp, tensor) sizes; one of them may be -1 (= whatever is left)."""
   shape = [int(sizes[a]) for a in axes.MESH_AXES]
-  spec = ", ".join(f"{a}={s}" for a, s in zip(axes.MESH_AXES, shape))
+  spec = ", ".join(f"{a}={s}" for a, s in zip(axes.MESH_AXES, shape, strict=True))
   if shape.count(-1) > 1:
     raise JaxlmError(f"mesh ({spec}): at most one axis may be -1")
   if any(s == 0 or s < -1 for s in shape):

@@ -1,11 +1,14 @@
-"""TrainState, the pure train step, and the training loop (the only module that reads the whole config)."""
+"""TrainState, the pure train step and the training loop: reads the whole config."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -18,6 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
+from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate, losses, metrics, optim, sharding, tokenizers
 from jaxlm import model as model_lib
@@ -99,15 +103,73 @@ def matmul_params(params: PyTree) -> int:
   return count_params(params) - count_params(params.get("wpe", {}))
 
 
-# ---------------------------------------------------------------------------------------------
-# Pure functions: init, loss, train step.
-# ---------------------------------------------------------------------------------------------
+def check_resumable(workdir: str, resolved: dict[str, Any]) -> None:
+  """Refuses to continue a run whose saved model hyperparameters differ from `resolved`."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved = json.load(f)
+  for key, value in resolved["model"].items():
+    if key in saved.get("model", {}) and saved["model"][key] != value:
+      raise JaxlmError(
+          f"workdir {workdir} holds a run with model.{key}={saved['model'][key]!r} but the "
+          f"config says {value!r}; use a new workdir (with --config.train.init_from={workdir} "
+          "to start from its weights)")
+
+
+def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
+  """Abstract arrays (ShapeDtypeStruct) that carry the given shardings: an orbax restore target."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
 
 def init_rngs(seed: int) -> tuple[jax.Array, jax.Array]:
-  """(init_rng, dropout_rng) of a run: `jaxlm params` recomputes the init from the same key."""
+  """(init_rng, dropout_rng): the parameter init key and the base key of dropout."""
   init_rng, dropout_rng = jax.random.split(jax.random.key(seed))
   return init_rng, dropout_rng
 
+
+class StopRequest:
+  """Turns the first SIGTERM/SIGINT into "stop after this step"; a second SIGINT aborts."""
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous = {}
+    if threading.current_thread() is not threading.main_thread():
+      return  # Signal handlers can only be installed from the main thread.
+    # Multi-host runs leave SIGTERM to JAX's preemption notifier (see `should_stop`).
+    signals = [signal.SIGINT] + ([signal.SIGTERM] if jax.process_count() == 1 else [])
+    for sig in signals:
+      self._previous[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # Second Ctrl-C: abort at once.
+    self.signal_name = signal.Signals(signum).name
+    logging.warning("%s received: stopping after the current step with a checkpoint",
+                    self.signal_name)
+
+  def should_stop(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      # Every host reaches the same answer at the same step (JAX's preemption sync point).
+      from jax.experimental import multihost_utils
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.signal_name = self.signal_name or "preemption"
+          return True
+      except RuntimeError:
+        pass  # Preemption service disabled: fall back to local signals.
+    return self.signal_name is not None
+
+  def restore(self) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure functions: init, loss, train step.
+# ---------------------------------------------------------------------------------------------
 
 def init_boxed_state(rng: jax.Array, *, model: model_lib.GPT,
                      tx: optax.GradientTransformation) -> TrainState:
@@ -171,8 +233,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
 # The training loop.
 # ---------------------------------------------------------------------------------------------
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `cfg` in `workdir`; returns the final evaluation metrics."""
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
   t_start = time.perf_counter()
   validate_config(cfg)
   prepare_workdir(workdir)
@@ -183,12 +245,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       cfg.data.path, cfg.data.tokenizer, val_fraction=cfg.data.val_fraction,
       block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir)
   mcfg = model_config(cfg, dataset.tokenizer.vocab_size)
-  if is_main:
-    tokenizers.save(dataset.tokenizer, os.path.join(workdir, "tokenizer.json"))
-    resolved = cfg.to_dict()
-    resolved["model"]["vocab_size"] = mcfg.vocab_size
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(resolved, f, indent=2, sort_keys=True)
+  resolved = cfg.to_dict()
+  resolved["model"]["vocab_size"] = mcfg.vocab_size
 
   # --- Mesh and batch geometry ------------------------------------------------------------------
   mesh = sharding.make_mesh(dict(cfg.mesh.items()))
@@ -208,7 +266,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         block_size=mcfg.block_size, stream=stream, process_index=proc, process_count=n_proc)
     return sharding.host_to_global(host_batch, batch_sharding)
 
-  # --- Model, optimizer and sharded state -------------------------------------------------------
+  # --- Model, optimizer and the abstract (sharded) state ----------------------------------------
   model = model_lib.make_model(mcfg)
   total_steps = cfg.train.steps
   tx = optim.make_optimizer(cfg.optim, total_steps)
@@ -217,8 +275,34 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   init_fn = functools.partial(init_boxed_state, model=model, tx=tx)
   abstract_state = jax.eval_shape(init_fn, init_rng)
   state_shardings = sharding.logical_shardings(abstract_state, mesh, rules)
-  # Parameters are created already sharded: no device ever holds a full copy first.
-  state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(init_rng)
+  restore_target = with_shardings(nn.unbox(abstract_state), state_shardings)
+
+  # --- Checkpoints: resume, or start fresh (optionally from another run's weights) --------------
+  check_resumable(workdir, resolved)  # Before anything in the workdir is written.
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                     keep=cfg.checkpoint.keep)
+  if is_main:
+    tokenizers.save(dataset.tokenizer, os.path.join(workdir, "tokenizer.json"))
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(resolved, f, indent=2, sort_keys=True)
+  ckpt_meta = {"config": resolved, "tokenizer": dataset.tokenizer.to_json()}
+  latest = ckpt.latest_step()
+  if latest is not None:
+    t0 = time.perf_counter()
+    restored = ckpt.restore(latest, {"params": restore_target.params,
+                                     "opt_state": restore_target.opt_state})
+    state = TrainState(step=jax.device_put(jnp.asarray(latest, jnp.int32),
+                                           state_shardings.step),
+                       params=restored["params"], opt_state=restored["opt_state"])
+    logging.info("resumed from checkpoint at step %d (%.2fs)", latest,
+                 time.perf_counter() - t0)
+  else:
+    # Parameters are created already sharded: no device ever holds a full copy first.
+    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(init_rng)
+    if cfg.train.init_from:
+      params = load_params(cfg.train.init_from, restore_target.params)
+      state = state.replace(params=params)
+      logging.info("initialised params from %s", cfg.train.init_from)
 
   step_fn = jax.jit(
       functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.train.grad_accum,
@@ -250,9 +334,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                peak_flops / 1e12)
 
   # --- Compile ahead of time, so errors and compile time show before the loop -----------------
+  step = int(state.step)
   t0 = time.perf_counter()
-  first_batch = batch_at(dataset.train, 0, data_lib.TRAIN_STREAM)
-  step_fn = step_fn.lower(state, first_batch, dropout_rng).compile()
+  next_batch = batch_at(dataset.train, step, data_lib.TRAIN_STREAM)
+  step_fn = step_fn.lower(state, next_batch, dropout_rng).compile()
   logging.info("compiled train step in %.2fs", time.perf_counter() - t0)
 
   eval_batches = {
@@ -272,53 +357,174 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                  results["val/perplexity"], results["val/bits_per_token"])
     return results
 
+  def save(step: int, val_loss: float | None) -> None:
+    t0 = time.perf_counter()
+    ckpt.save(step, {"params": state.params, "opt_state": state.opt_state}, ckpt_meta,
+              val_loss=val_loss)
+    logging.info("saving checkpoint at step %d (async; %.2fs blocking)", step,
+                 time.perf_counter() - t0)
+
   # --- Loop -------------------------------------------------------------------------------------
-  step = int(state.step)
   final = run_eval(step) if cfg.train.eval_every and step == 0 else {}
+  stop = StopRequest()
   pending: list[dict[str, jax.Array]] = []
   t_log, step_log = time.perf_counter(), step
-  while step < total_steps:
-    batch = first_batch if step == 0 else batch_at(dataset.train, step, data_lib.TRAIN_STREAM)
-    state, step_metrics = step_fn(state, batch, dropout_rng)
-    # Per-layer stats stay on the device; only a log_params_every step fetches them.
-    layer_stats = {k: step_metrics.pop(k) for k in list(step_metrics)
-                   if k.startswith(metrics.LAYER_STAT_PREFIXES)}
-    pending.append(step_metrics)
-    step += 1
-    done = step == total_steps
-    if step % cfg.train.log_every == 0 or done:
-      fetched = jax.device_get(pending)  # The only host sync on a training step.
-      pending = []
-      now = time.perf_counter()
-      sec_per_step = (now - t_log) / (step - step_log)
-      t_log, step_log = now, step
-      loss = float(np.mean([m["loss"] for m in fetched]))
-      if not math.isfinite(loss):
-        writer.close()
-        raise JaxlmError(f"training diverged: loss is {loss} at step {step}; try a lower "
-                         "optim.lr or a smaller optim.grad_clip")
-      tokens_per_sec = tokens_per_step / sec_per_step
-      mfu = flops_per_token * tokens_per_sec / peak_flops
-      lr = float(schedule(step - 1))
-      log_params = cfg.train.log_params_every and step % cfg.train.log_params_every == 0
-      layer_record = jax.device_get(layer_stats) if log_params else {}
-      writer.write(step, {"train/loss": loss, "lr": lr,
-                          "grad_norm": float(fetched[-1]["grad_norm"]),
-                          "param_norm": float(fetched[-1]["param_norm"]),
-                          "tokens_per_sec": tokens_per_sec, "ms_per_step": 1e3 * sec_per_step,
-                          "mfu": mfu, **layer_record})
-      logging.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s | %.1f ms/step | MFU %.1f%% | "
-                   "ETA %s", step, total_steps, loss, lr, f"{tokens_per_sec:,.0f}",
-                   1e3 * sec_per_step, 100 * mfu,
-                   metrics.format_duration((total_steps - step) * sec_per_step))
-    if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or done):
-      final = run_eval(step)
-      t_log = time.perf_counter()  # Keep evaluation time out of the throughput numbers.
+  last_saved = latest
+  stopped_early = False
+  try:
+    while step < total_steps:
+      batch = next_batch if next_batch is not None else batch_at(
+          dataset.train, step, data_lib.TRAIN_STREAM)
+      state, step_metrics = step_fn(state, batch, dropout_rng)
+      # Per-layer stats stay on the device; only a log_params_every step fetches them.
+      layer_stats = {k: step_metrics.pop(k) for k in list(step_metrics)
+                     if k.startswith(metrics.LAYER_STAT_PREFIXES)}
+      pending.append(step_metrics)
+      step += 1
+      # Prepare the next batch while the device works on this step.
+      next_batch = (batch_at(dataset.train, step, data_lib.TRAIN_STREAM)
+                    if step < total_steps else None)
+      done = step == total_steps
+      stopping = stop.should_stop(step) or step == cfg.train.stop_at
+      if step % cfg.train.log_every == 0 or done or stopping:
+        fetched = jax.device_get(pending)  # The only host sync on a training step.
+        pending = []
+        now = time.perf_counter()
+        sec_per_step = (now - t_log) / (step - step_log)
+        t_log, step_log = now, step
+        loss = float(np.mean([m["loss"] for m in fetched]))
+        if not math.isfinite(loss):
+          raise JaxlmError(f"training diverged: loss is {loss} at step {step}; try a lower "
+                           "optim.lr or a smaller optim.grad_clip")
+        tokens_per_sec = tokens_per_step / sec_per_step
+        mfu = flops_per_token * tokens_per_sec / peak_flops
+        lr = float(schedule(step - 1))
+        log_params = cfg.train.log_params_every and step % cfg.train.log_params_every == 0
+        layer_record = jax.device_get(layer_stats) if log_params else {}
+        writer.write(step, {"train/loss": loss, "lr": lr,
+                            "grad_norm": float(fetched[-1]["grad_norm"]),
+                            "param_norm": float(fetched[-1]["param_norm"]),
+                            "tokens_per_sec": tokens_per_sec,
+                            "ms_per_step": 1e3 * sec_per_step, "mfu": mfu, **layer_record})
+        logging.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s | %.1f ms/step | MFU %.1f%% "
+                     "| ETA %s", step, total_steps, loss, lr, f"{tokens_per_sec:,.0f}",
+                     1e3 * sec_per_step, 100 * mfu,
+                     metrics.format_duration((total_steps - step) * sec_per_step))
+      evaluated = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or done)
+      if evaluated:
+        final = run_eval(step)
+      every = cfg.checkpoint.every
+      saving = done or stopping or (every and step % every == 0)
+      if saving:
+        save(step, final["val/loss"] if evaluated else None)
+        last_saved = step
+      if evaluated or saving:
+        t_log = time.perf_counter()  # Keep evaluation and saving out of throughput numbers.
+      if stopping:
+        stopped_early = not done
+        break
+    if last_saved != step:
+      save(step, None)  # E.g. train.steps = 0: the initial state is still a checkpoint.
+  finally:
+    stop.restore()
+    t0 = time.perf_counter()
+    ckpt.wait()  # Every started save completes (or the process dies and it never counts).
+    ckpt.close()
+    writer.close()
+  logging.info("checkpoints finished writing in %.2fs", time.perf_counter() - t0)
 
   wall = time.perf_counter() - t_start
-  writer.write(step, {"wall_time_sec": wall})
-  writer.close()
+  if stopped_early:
+    why = stop.signal_name or f"train.stop_at={cfg.train.stop_at}"
+    logging.info("stopped at step %d/%d (%s) with a checkpoint; run the same command to resume",
+                 step, total_steps, why)
+  if is_main:
+    with metrics.MetricsWriter(workdir, tensorboard=False) as w:
+      w.write(step, {"wall_time_sec": wall})
   logging.info("done: %d steps in %s (%.1fs wall, compile and evals included)%s", step,
                metrics.format_duration(wall), wall,
                f" | final val loss {final['val/loss']:.4f}" if final else "")
-  return {**final, "wall_time_sec": wall, "step": step}
+  return {**final, "wall_time_sec": wall, "step": step, "stopped_early": stopped_early}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a trained run (for sampling, evaluation, parameter reports and fine-tuning).
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A trained run restored from its workdir."""
+  cfg: ml_collections.ConfigDict
+  tokenizer: tokenizers.Tokenizer
+  model: model_lib.GPT
+  params: PyTree
+  step: int
+
+
+def _read_run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isdir(workdir):
+    raise JaxlmError(f"no run in {workdir!r}: the directory does not exist")
+  if not os.path.exists(path):
+    raise JaxlmError(f"no run in {workdir!r}: it has no config.json")
+  with open(path, encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def abstract_params(model: model_lib.GPT, mesh: jax.sharding.Mesh,
+                    rules: sharding.Rules) -> PyTree:
+  """Shape/dtype/sharding of the model's params, without allocating them."""
+  boxed = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
+  return with_shardings(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh, rules))
+
+
+def load_params(source: str, target: PyTree, step: int | str | None = None) -> PyTree:
+  """Params of the run in workdir `source` (its latest checkpoint), restored into `target`."""
+  ckpt_dir = os.path.join(source, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise JaxlmError(f"no checkpoint in {source!r} (looked for {ckpt_dir})")
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
+  try:
+    return ckpt.restore(ckpt.resolve_step(step), {"params": target})["params"]
+  finally:
+    ckpt.close()
+
+
+def load_run(workdir: str, step: int | str | None = None) -> Run:
+  """Restores a run's params (latest, `step`, or 'best') onto this host's devices."""
+  cfg = _read_run_config(workdir)
+  tok = tokenizers.load(os.path.join(workdir, "tokenizer.json"))
+  model = model_lib.make_model(model_config(cfg, tok.vocab_size))
+  # Whatever mesh trained it, restore onto the devices here (data parallel: replicated).
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  target = abstract_params(model, mesh, sharding.get_rules(cfg.mesh.rules))
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(ckpt_dir):
+    raise JaxlmError(f"no checkpoint in {workdir!r}: train it first (jaxlm train)")
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
+  try:
+    resolved = ckpt.resolve_step(step)
+    params = ckpt.restore(resolved, {"params": target})["params"]
+  finally:
+    ckpt.close()
+  return Run(cfg=cfg, tokenizer=tok, model=model, params=params, step=resolved)
+
+
+def evaluate_run(workdir: str, step: int | str | None = None,
+                 eval_steps: int | None = None) -> dict[str, Any]:
+  """Validation loss, perplexity and bits per token of a saved checkpoint."""
+  run = load_run(workdir, step)
+  cfg = run.cfg
+  dataset = data_lib.load_dataset(cfg.data.path, cfg.data.tokenizer,
+                                  val_fraction=cfg.data.val_fraction,
+                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir)
+  n = eval_steps or cfg.train.eval_steps
+  # The same fixed batches as the evaluations during training, so the numbers compare.
+  batches = [data_lib.get_batch(dataset.val, seed=cfg.seed, step=i,
+                                batch_size=cfg.train.batch_size,
+                                block_size=cfg.model.block_size,
+                                stream=data_lib.EVAL_VAL_STREAM) for i in range(n)]
+  eval_fn = jax.jit(functools.partial(evaluate.eval_step, model=run.model))
+  result = evaluate.evaluate(eval_fn, run.params, batches)
+  return {"step": run.step, "tokens": n * cfg.train.batch_size * cfg.model.block_size,
+          **{f"val/{k}": v for k, v in result.items()}}

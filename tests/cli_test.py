@@ -6,25 +6,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, assert_one_line_error, run_jaxlm
 
 SMOKE = os.path.join(CONFIGS, "smoke.py")
 
 
-def jaxlm(*args, timeout=300):
-  script = os.path.join(os.path.dirname(sys.executable), "jaxlm")
-  assert os.path.exists(script), "the jaxlm console script is not installed next to python"
-  return subprocess.run([script, *args], capture_output=True, text=True, timeout=timeout,
-                        cwd=REPO)
-
-
-def assert_one_line_error(proc, *fragments):
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("jaxlm: error:")]
-  assert len(errors) == 1, proc.stderr[-2000:]
-  for fragment in fragments:
-    assert fragment in errors[0], errors[0]
+jaxlm = run_jaxlm
 
 
 @pytest.mark.slow

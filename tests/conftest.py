@@ -1,6 +1,7 @@
 """Test setup: CPU only, 8 fake devices (for mesh tests), strict rank promotion."""
 
 import os
+import subprocess
 import sys
 
 # Must happen before jax is imported anywhere.
@@ -25,8 +26,9 @@ def _token_cache(tmp_path_factory, monkeypatch):
 
 def load_config(name: str):
   """Loads configs/<name>.py the way the CLI does."""
-  from ml_collections import config_flags  # noqa: F401  (ensures the same loader as the CLI)
   import importlib.util
+
+  from ml_collections import config_flags  # noqa: F401  (ensures the same loader as the CLI)
   path = os.path.join(CONFIGS, f"{name}.py")
   spec = importlib.util.spec_from_file_location(f"configs_{name}", path)
   module = importlib.util.module_from_spec(spec)
@@ -34,6 +36,31 @@ def load_config(name: str):
   return module.get_config()
 
 
-def jaxlm_command() -> list[str]:
-  """How to run the console script from the test interpreter's environment."""
-  return [sys.executable, "-m", "jaxlm.cli"]
+def jaxlm_script() -> str:
+  """The installed `jaxlm` console script next to the test interpreter."""
+  script = os.path.join(os.path.dirname(sys.executable), "jaxlm")
+  assert os.path.exists(script), "the jaxlm console script is not installed next to python"
+  return script
+
+
+def run_jaxlm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  """Runs `jaxlm ARGS...` to completion from the repo root; output captured as text."""
+  return subprocess.run([jaxlm_script(), *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=REPO)
+
+
+def start_jaxlm(*args: str) -> subprocess.Popen:
+  """Starts `jaxlm ARGS...` in the background with stderr (the log) piped, line-buffered."""
+  return subprocess.Popen([jaxlm_script(), *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, bufsize=1, cwd=REPO)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+  """Exit code 2, no traceback, exactly one `jaxlm: error:` line containing `fragments`."""
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("jaxlm: error:")]
+  assert len(errors) == 1, proc.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in errors[0], errors[0]
+  return errors[0]
