@@ -117,12 +117,6 @@ def tensors(params: PyTree) -> list[Tensor]:
   return sorted(rows, key=lambda t: layer_sort_key(t.layer))  # Stable: keeps order in a layer.
 
 
-def abstract_params(mcfg: model_lib.ModelConfig) -> PyTree:
-  """The boxed parameter tree as shapes and dtypes only: nothing is allocated."""
-  model = model_lib.make_model(mcfg)
-  return jax.eval_shape(lambda rng: model_lib.init_params(model, rng), jax.random.key(0))
-
-
 def formula_param_counts(mcfg: model_lib.ModelConfig) -> dict[str, int]:
   """Parameter counts by kind from the architecture alone (no flax tree); see PARAM_FORMULA.
 
@@ -475,13 +469,12 @@ def _flat(params: PyTree) -> list[tuple[str, Any]]:
           for path, x in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]]
 
 
-def run_report(workdir: str, step: int | None = None) -> dict[str, Any]:
-  """Per-tensor statistics and drift from init of the run in `workdir` at `step` (None = last)."""
-  load_run = getattr(train, "load_run", None)
-  if load_run is None:
-    raise JaxlmError("reading a run needs checkpoint restoring (jaxlm.train.load_run, issue 3), "
-                     "which this jaxlm does not have yet")
-  run = load_run(workdir, step)
+def run_report(workdir: str, step: int | str | None = None) -> dict[str, Any]:
+  """Per-tensor statistics and drift from init of the run in `workdir` at `step`.
+
+  `step`: a checkpoint step, 'best', or None / 'latest'.
+  """
+  run = train.load_run(workdir, step)
   report = drift_report(run.params, initial_params(run.model, run.cfg.seed))
   report.update(workdir=workdir, step=int(run.step), seed=run.cfg.seed,
                 total=sum(r["count"] for r in report["tensors"]), warnings=[])

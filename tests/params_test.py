@@ -303,11 +303,34 @@ def test_drift_rejects_params_that_do_not_match_the_init():
     params.drift_report(zeros, {"h_0": {"kernel": np.zeros((3, 2))}, "h_1": zeros["h_1"]})
 
 
-def test_run_report_without_load_run_is_a_one_line_error(tmp_path):
-  if hasattr(train, "load_run"):
-    pytest.skip("load_run exists")
-  with pytest.raises(JaxlmError, match="load_run"):
-    params.run_report(str(tmp_path))
+@pytest.mark.slow
+def test_run_report_drift_is_zero_at_step_0_and_grows(tmp_path):
+  cfg = load_config("smoke")
+  cfg.train.eval_every = 0
+  cfg.train.steps = 0  # A run of zero steps still saves its initial state, at step 0.
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(cfg, workdir)
+  cfg.train.steps, cfg.checkpoint.every = 20, 10  # The same run continued to step 20.
+  train.train_and_evaluate(cfg, workdir)
+  at = {step: params.run_report(workdir, step) for step in (0, 10, 20)}
+  assert at[0]["step"] == 0 and at[0]["seed"] == cfg.seed and at[0]["total"] == 28_064
+  assert at[0]["global"]["delta_norm"] == 0.0 and at[0]["global"]["drift"] == 0.0
+  assert all(t["delta_rms"] == 0.0 for t in at[0]["tensors"])
+  assert 0 < at[10]["global"]["drift"] < at[20]["global"]["drift"]
+  assert params.run_report(workdir)["step"] == 20  # Default: the latest checkpoint.
+  # The same through the console script, with the plot.
+  png = tmp_path / "drift.png"
+  proc = jaxlm("params", "--workdir", workdir, "--step", "10", "--plot", str(png))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "at step 10" in proc.stdout and "Most changed" in proc.stdout
+  assert png.read_bytes()[:4] == b"\x89PNG"
+  proc = jaxlm("params", "--workdir", workdir, "--format", "json")
+  assert json.loads(proc.stdout)["step"] == 20
+
+
+def test_run_report_of_a_missing_run_is_a_one_line_error(tmp_path):
+  with pytest.raises(JaxlmError, match="no run in"):
+    params.run_report(str(tmp_path / "nothing"))
 
 
 # --- The console script -------------------------------------------------------------------------
