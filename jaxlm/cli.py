@@ -20,6 +20,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
 _STEP = flags.DEFINE_string("step", None, "Checkpoint to load: a step number, 'latest' (the "
                             "default) or 'best' (lowest validation loss).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "launch: processes to start.")
+_DEVICES_PER_PROCESS = flags.DEFINE_integer(
+    "devices_per_process", 0, "launch: fake CPU devices per process (0 = the real devices).")
+_TIMEOUT = flags.DEFINE_float("timeout", 0, "launch: stop everything after this many seconds "
+                              "(0 = no limit).")
+_INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 300, "launch: seconds for all peers to join.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout", 100,
+                                          "launch: seconds of silence before a peer is dead.")
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "Batches to evaluate (default: the run's "
                                    "train.eval_steps).")
 
@@ -29,6 +37,8 @@ commands:
   train   train a model, or resume it:
             jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
   eval    evaluate a checkpoint:  jaxlm eval --workdir runs/sc [--step N|best]
+  launch  run a command as N processes of one JAX cluster on this machine:
+            jaxlm launch --num_processes 2 --devices_per_process 2 -- train --config C --workdir W
 """
 
 
@@ -41,7 +51,9 @@ def cmd_train(argv: list[str]) -> None:
   del argv
   _require(_CONFIG.value, "config")
   _require(_WORKDIR.value, "workdir")
-  from jaxlm import train  # Imported here so that `jaxlm --help` does not load jax.
+  # Imported here so that `jaxlm --help` does not load jax.
+  from jaxlm import distributed, train
+  distributed.initialize(_CONFIG.value.distributed)  # Before anything touches a device.
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
@@ -65,7 +77,16 @@ def cmd_eval(argv: list[str]) -> None:
         f"{result['tokens']:,} tokens")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+def cmd_launch(argv: list[str]) -> None:
+  from jaxlm import launch
+  code = launch.launch_local(argv, num_processes=_NUM_PROCESSES.value,
+                             devices_per_process=_DEVICES_PER_PROCESS.value,
+                             timeout=_TIMEOUT.value, init_timeout=_INIT_TIMEOUT.value,
+                             heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
+  sys.exit(code)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "launch": cmd_launch}
 
 
 class _QuietLibraries(py_logging.Filter):
