@@ -20,6 +20,14 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
 _STEP = flags.DEFINE_string("step", None, "Checkpoint to load: a step number, 'latest' (the "
                             "default) or 'best' (lowest validation loss).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "launch: processes to start.")
+_DEVICES_PER_PROCESS = flags.DEFINE_integer(
+    "devices_per_process", 0, "launch: fake CPU devices per process (0 = the real devices).")
+_TIMEOUT = flags.DEFINE_float("timeout", 0, "launch: stop everything after this many seconds "
+                              "(0 = no limit).")
+_INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 300, "launch: seconds for all peers to join.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout", 100,
+                                          "launch: seconds of silence before a peer is dead.")
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "Batches to evaluate (default: the run's "
                                    "train.eval_steps).")
 # `jaxlm params` flags.
@@ -46,6 +54,8 @@ commands:
             jaxlm params --config configs/gpt2_small.py [--device "TPU v4"] [--format json]
           and, for a trained run, how far each tensor moved from its random init:
             jaxlm params --workdir runs/sc [--step N|best] [--plot drift.png]
+  launch  run a command as N processes of one JAX cluster on this machine:
+            jaxlm launch --num_processes 2 --devices_per_process 2 -- train --config C --workdir W
 """
 
 
@@ -58,7 +68,9 @@ def cmd_train(argv: list[str]) -> None:
   del argv
   _require(_CONFIG.value, "config")
   _require(_WORKDIR.value, "workdir")
-  from jaxlm import train  # Imported here so that `jaxlm --help` does not load jax.
+  # Imported here so that `jaxlm --help` does not load jax.
+  from jaxlm import distributed, train
+  distributed.initialize(_CONFIG.value.distributed)  # Before anything touches a device.
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
@@ -109,7 +121,17 @@ def cmd_params(argv: list[str]) -> None:
   sys.stdout.write(json.dumps(report, indent=2) + "\n" if _FORMAT.value == "json" else text)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "params": cmd_params}
+def cmd_launch(argv: list[str]) -> None:
+  from jaxlm import launch
+  code = launch.launch_local(argv, num_processes=_NUM_PROCESSES.value,
+                             devices_per_process=_DEVICES_PER_PROCESS.value,
+                             timeout=_TIMEOUT.value, init_timeout=_INIT_TIMEOUT.value,
+                             heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
+  sys.exit(code)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "launch": cmd_launch,
+            "params": cmd_params}
 
 
 class _QuietLibraries(py_logging.Filter):

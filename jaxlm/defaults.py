@@ -33,6 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True  # Output head shares the token embedding matrix.
   c.model.dtype = "float32"  # Matmul compute dtype (bfloat16 on TPU); softmax/loss stay f32.
   c.model.param_dtype = "float32"
+  c.model.remat = "none"  # Activation recomputation per block: none | full | dots.
+  c.model.scan_layers = False  # nn.scan over blocks: compile time flat in depth.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"  # adamw | lion | sgd
@@ -70,6 +72,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.rules = "fsdp"  # Logical->mesh rule preset from jaxlm/axes.py: dp | fsdp | fsdp_tp.
+
+  c.distributed = ml_collections.ConfigDict()
+  # Multi-process runs. On a TPU VM slice leave these empty: JAX finds its peers itself.
+  # Elsewhere (CPU/GPU clusters) give every process the same address and count, and its id.
+  c.distributed.coordinator_address = ""  # host:port of process 0; "" = single process/auto.
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  c.distributed.init_timeout = 300  # Seconds to wait for every peer to join.
+  c.distributed.heartbeat_timeout = 100  # Seconds of silence before a peer counts as dead.
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "\n"

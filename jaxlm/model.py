@@ -20,6 +20,14 @@ from jaxlm.errors import JaxlmError
 
 PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What the backward pass may keep from the forward pass of a block (the rest is recomputed):
+# "full" keeps only the block's input, "dots" also keeps matmul outputs (cheap to store, the
+# costly part to recompute).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +45,8 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"  # compute dtype of matmuls; softmax, logits and loss always run in f32.
   param_dtype: str = "float32"
+  remat: str = "none"  # Recompute activations in the backward pass: none | full | dots.
+  scan_layers: bool = False  # One scanned block (params stacked on a `layers` axis).
 
   def __post_init__(self):
     def fail(msg):
@@ -57,6 +67,8 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         fail(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
+    if self.remat not in REMAT_POLICIES:
+      fail(f"model.remat={self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
 
   @property
   def head_dim(self) -> int:
@@ -154,16 +166,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+  With `scanned`, it has the (carry, per-layer output) signature that `nn.scan` expects.
+  """
   cfg: ModelConfig
+  train: bool = False
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, _: Any = None) -> Any:
     cfg, dtype = self.cfg, x_BxLxD.dtype
     h_BxLxD = layer_norm(cfg, "ln_1")(x_BxLxD).astype(dtype)
-    x_BxLxD = x_BxLxD + CausalSelfAttention(cfg, name="attn")(h_BxLxD, train=train)
+    x_BxLxD = x_BxLxD + CausalSelfAttention(cfg, name="attn")(h_BxLxD, train=self.train)
     h_BxLxD = layer_norm(cfg, "ln_2")(x_BxLxD).astype(dtype)
-    return x_BxLxD + MLP(cfg, name="mlp")(h_BxLxD, train=train)
+    x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h_BxLxD, train=self.train)
+    return (x_BxLxD, None) if self.scanned else x_BxLxD
 
 
 class GPT(nn.Module):
@@ -186,8 +204,19 @@ class GPT(nn.Module):
     x_BxLxD = wte(tokens_BxL) + wpe(jnp.arange(L))[None]
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=not train)
     x_BxLxD = x_BxLxD.astype(DTYPES[cfg.dtype])
-    for i in range(cfg.n_layer):
-      x_BxLxD = Block(cfg, name=f"h_{i}")(x_BxLxD, train=train)
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      # One traced block whatever the depth, so compile time stays flat in n_layer. Params
+      # gain a leading `layers` axis: h/attn/query/kernel is [N, D, H, K].
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
+                      "dropout": True}, length=cfg.n_layer,
+                      metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+      x_BxLxD, _ = stack(cfg, train=train, scanned=True, name="h")(x_BxLxD, None)
+    else:
+      for i in range(cfg.n_layer):
+        x_BxLxD = block(cfg, train=train, name=f"h_{i}")(x_BxLxD)
     x_BxLxD = layer_norm(cfg, "ln_f")(x_BxLxD)
     if cfg.tie_embeddings:
       # Weight tying (Press & Wolf, 2017): the output head reuses the token embedding.

@@ -54,7 +54,7 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.M
       vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
       n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=m.d_ff,
       dropout=m.dropout, bias=m.bias, tie_embeddings=m.tie_embeddings, dtype=m.dtype,
-      param_dtype=m.param_dtype)
+      param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -229,6 +229,42 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
   return new_state, step_metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class ShardedTraining:
+  """The jitted, sharded entry points of training for one (model, optimizer, mesh, rules)."""
+  abstract_state: TrainState  # ShapeDtypeStructs carrying shardings: the restore target.
+  state_shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  init: Any  # rng -> TrainState, created already sharded.
+  step: Any  # (state, batch, rng) -> (state, metrics); donates `state`.
+  eval: Any  # (params, batch) -> {"loss_sum", "tokens"}.
+
+
+def make_sharded_training(model: model_lib.GPT, tx: optax.GradientTransformation,
+                          mesh: jax.sharding.Mesh, rules: sharding.Rules, *,
+                          grad_accum: int = 1, z_loss: float = 0.0,
+                          layer_stats: bool = False) -> ShardedTraining:
+  """eval_shape -> logical specs -> NamedShardings -> jit with explicit shardings and donation."""
+  init_fn = functools.partial(init_boxed_state, model=model, tx=tx)
+  abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
+  state_shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  replicated = sharding.replicated(mesh)
+  return ShardedTraining(
+      abstract_state=with_shardings(nn.unbox(abstract_boxed), state_shardings),
+      state_shardings=state_shardings,
+      batch_sharding=batch_sharding,
+      # Parameters are created already sharded: no device ever holds a full copy first.
+      init=jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=state_shardings),
+      step=jax.jit(functools.partial(train_step, model=model, tx=tx, grad_accum=grad_accum,
+                                     z_loss=z_loss, layer_stats=layer_stats),
+                   in_shardings=(state_shardings, batch_sharding, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
+      eval=jax.jit(functools.partial(evaluate.eval_step, model=model),
+                   in_shardings=(state_shardings.params, batch_sharding),
+                   out_shardings=replicated))
+
+
 # ---------------------------------------------------------------------------------------------
 # The training loop.
 # ---------------------------------------------------------------------------------------------
@@ -259,6 +295,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         f"grad_accum {cfg.train.grad_accum})")
   batch_sharding = sharding.batch_sharding(mesh, rules)
   n_proc, proc = jax.process_count(), jax.process_index()
+  logging.info("process %d of %d: %d of %d devices; mesh %s", proc, n_proc,
+               jax.local_device_count(), jax.device_count(), dict(mesh.shape))
 
   def batch_at(tokens, step, stream):
     host_batch = data_lib.get_batch(
@@ -272,10 +310,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   tx = optim.make_optimizer(cfg.optim, total_steps)
   schedule = optim.make_schedule(cfg.optim, total_steps)
   init_rng, dropout_rng = init_rngs(cfg.seed)
-  init_fn = functools.partial(init_boxed_state, model=model, tx=tx)
-  abstract_state = jax.eval_shape(init_fn, init_rng)
-  state_shardings = sharding.logical_shardings(abstract_state, mesh, rules)
-  restore_target = with_shardings(nn.unbox(abstract_state), state_shardings)
+  fns = make_sharded_training(model, tx, mesh, rules, grad_accum=cfg.train.grad_accum,
+                              z_loss=cfg.train.z_loss,
+                              layer_stats=cfg.train.log_params_every > 0)
+  restore_target, state_shardings = fns.abstract_state, fns.state_shardings
 
   # --- Checkpoints: resume, or start fresh (optionally from another run's weights) --------------
   check_resumable(workdir, resolved)  # Before anything in the workdir is written.
@@ -297,22 +335,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
     logging.info("resumed from checkpoint at step %d (%.2fs)", latest,
                  time.perf_counter() - t0)
   else:
-    # Parameters are created already sharded: no device ever holds a full copy first.
-    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(init_rng)
+    state = fns.init(init_rng)
     if cfg.train.init_from:
       params = load_params(cfg.train.init_from, restore_target.params)
       state = state.replace(params=params)
       logging.info("initialised params from %s", cfg.train.init_from)
 
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.train.grad_accum,
-                        z_loss=cfg.train.z_loss, layer_stats=cfg.train.log_params_every > 0),
-      in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(evaluate.eval_step, model=model),
-                    in_shardings=(state_shardings.params, batch_sharding),
-                    out_shardings=sharding.replicated(mesh))
+  step_fn, eval_fn = fns.step, fns.eval
 
   n_params = count_params(state.params)
   tokens_per_step = cfg.train.batch_size * mcfg.block_size

@@ -43,3 +43,4 @@ def test_default_experiment_is_the_nanogpt_cpu_recipe():
   assert (c.train.batch_size, c.train.steps, c.optim.lr, c.optim.min_lr) == (12, 2000, 1e-3, 1e-4)
   assert (c.optim.warmup_steps, c.optim.b2, c.model.dropout) == (100, 0.99, 0.0)
   assert (c.optim.weight_decay, c.optim.grad_clip) == (0.1, 1.0)
+  assert not c.model.tie_embeddings
