@@ -48,7 +48,8 @@ DEVICE_MEMORY_GIB = {
 SIZE_HYPERPARAMETERS = (
     "model.n_layer", "model.n_head", "model.n_kv_head", "model.d_model", "model.d_ff",
     "model.block_size", "model.vocab_size", "model.bias", "model.tie_embeddings", "model.dtype",
-    "model.param_dtype", "optim.name", "train.batch_size", "train.grad_accum", "train.steps",
+    "model.param_dtype", "model.remat", "model.scan_layers", "optim.name", "train.batch_size",
+    "train.grad_accum", "train.steps",
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.rules")
 OTHER_HYPERPARAMETERS = (
     "seed", "model.dropout", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.b1",
@@ -151,6 +152,18 @@ def count_by(rows: Iterable[Tensor], key: str) -> dict[str, int]:
   return out
 
 
+def count_by_layer(rows: Iterable[Tensor]) -> dict[str, int]:
+  """Counts per layer, in model order; a stacked tensor (scan_layers) counts 1/N for each h_i."""
+  out: dict[str, int] = {}
+  for t in rows:
+    if t.logical_axes and t.logical_axes[0] == axes.LAYERS:
+      for i in range(t.shape[0]):
+        out[f"{t.layer}_{i}"] = out.get(f"{t.layer}_{i}", 0) + t.count // t.shape[0]
+    else:
+      out[t.layer] = out.get(t.layer, 0) + t.count
+  return {k: out[k] for k in sorted(out, key=layer_sort_key)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Memory and compute.
 # ---------------------------------------------------------------------------------------------
@@ -177,7 +190,8 @@ def shard_elements(shape: tuple[int, ...], names: tuple[str | None, ...] | None,
     mesh_axes = () if mesh_axes is None else (
         mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,))
     ways = math.prod(mesh_sizes[a] for a in mesh_axes)
-    n *= -(-dim // ways)  # An uneven split pads the last shard.
+    # sharding.logical_shardings replicates a dimension the mesh does not divide evenly.
+    n *= dim // ways if dim % ways == 0 else dim
   return n
 
 
@@ -194,11 +208,7 @@ def state_bytes(tree: PyTree, rules: sharding.Rules,
   return total, per_device
 
 
-REMAT_POLICIES = ("none", "block")
-
-
-def activation_bytes_per_token(mcfg: model_lib.ModelConfig, *, tensor_ways: int = 1,
-                               remat: str = "none") -> float:
+def activation_bytes_per_token(mcfg: model_lib.ModelConfig, *, tensor_ways: int = 1) -> float:
   """Estimated bytes of activations one token keeps alive for the backward pass.
 
   Per token and block, without rematerialisation (c = bytes of model.dtype; the attention
@@ -213,22 +223,25 @@ def activation_bytes_per_token(mcfg: model_lib.ModelConfig, *, tensor_ways: int 
   accounting of Korthikanti et al. 2022 (sbh(34 + 5as/h) for fp16 with dropout) for this model.
   Head, MLP and vocab terms divide by `tensor_ways` under tensor parallelism.
 
-  remat: "none" is what the model does today. "block" is the hook for rematerialising each
-  block (not built yet): only block inputs (D·c) are kept, plus one block's full activations
-  while it is recomputed.
+  model.remat keeps less per block, plus one block's full activations while it is recomputed:
+    full  only the block's input, c·D;
+    dots  the input and the outputs of the weight matmuls (q, k/v, attention out, fc, proj),
+          c·(4·D + 2·G·K + F); the attention einsums have batch dimensions and are recomputed.
   """
-  if remat not in REMAT_POLICIES:
-    raise JaxlmError(f"unknown remat policy {remat!r}: expected one of {REMAT_POLICIES}")
   c = np.dtype(model_lib.DTYPES[mcfg.dtype]).itemsize
   D, T, H, G, K, F = (mcfg.d_model, mcfg.block_size, mcfg.n_head, mcfg.kv_heads,
                       mcfg.head_dim, mcfg.ff_dim)
   tp = tensor_ways
-  block = c * (2 * D + (4 * D + 2 * G * K + 2 * F) / tp) + 4 * H * T / tp
+  # Under tensor parallelism the LayerNorm inputs and outputs are whole on every device.
+  block = c * (4 * D + (2 * D + 2 * G * K + 2 * F) / tp) + 4 * H * T / tp
   once = 2 * D * c + 2 * 4 * mcfg.vocab_size / tp
   if mcfg.dropout > 0:
     block += H * T / tp + 2 * D
     once += D
-  layers = mcfg.n_layer * block if remat == "none" else mcfg.n_layer * D * c + block
+  kept = {"none": block, "full": c * D, "dots": c * (3 * D + (D + 2 * G * K + F) / tp)}
+  if mcfg.remat not in kept:
+    raise JaxlmError(f"no activation estimate for model.remat={mcfg.remat!r}")
+  layers = mcfg.n_layer * kept[mcfg.remat] + (block if mcfg.remat != "none" else 0)
   return layers + once
 
 
@@ -317,8 +330,7 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
                     f"split of mesh {mesh_sizes}: `jaxlm train` would refuse it")
   batch_per_device = max(micro_batch // batch_ways, 1)
   tensor_ways = _mesh_ways(rules, mesh_sizes, axes.HEADS)
-  # TODO(remat): pass the model's remat policy here once the model has one.
-  act_per_token = activation_bytes_per_token(mcfg, tensor_ways=tensor_ways, remat="none")
+  act_per_token = activation_bytes_per_token(mcfg, tensor_ways=tensor_ways)
   act_dev = int(act_per_token * batch_per_device * mcfg.block_size)
   act_total = int(activation_bytes_per_token(mcfg) * micro_batch * mcfg.block_size)
   per_device = param_dev + opt_dev + grad_copies * param_dev + act_dev
@@ -357,7 +369,7 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
                   for t in rows],
       "params": {
           "total": total, "by_kind": by_kind,
-          "by_layer": count_by(rows, "layer"),
+          "by_layer": count_by_layer(rows),
           "matmul": n_matmul,
           "formula": PARAM_FORMULA, "formula_total": formula["total"],
           "formula_by_kind": {k: formula[k] for k in KINDS},
@@ -369,7 +381,7 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
           "optimizer_state_per_param": round(opt_total / param_total, 3) if param_total else 0,
           "batch_per_device": batch_per_device,
           "activation_bytes_per_token": act_per_token,
-          "remat": "none",
+          "remat": mcfg.remat,
           "bytes": {"params": {"total": param_total, "per_device": param_dev},
                     "optimizer_state": {"total": opt_total, "per_device": opt_dev},
                     "gradients": {"total": grad_copies * param_total,
@@ -414,16 +426,17 @@ def _drift(delta_sq: float, init_sq: float) -> float | None:
   return math.sqrt(delta_sq / init_sq) if init_sq > 0 else None
 
 
-def drift_report(params: PyTree, params0: PyTree) -> dict[str, Any]:
+def drift_report(params: PyTree, params0: PyTree, *, scanned: bool = False) -> dict[str, Any]:
   """Per tensor, layer and kind: RMS, mean, std and drift ‖θ − θ₀‖ / ‖θ₀‖ (float64 on the host).
 
   Tensors initialised to zero (biases) have no relative drift (None); compare them, and
-  everything else, by `delta_rms` = ‖θ − θ₀‖ / √count.
+  everything else, by `delta_rms` = ‖θ − θ₀‖ / √count. With `scanned` (model.scan_layers),
+  the stacked blocks are reported one layer at a time under the unscanned names h_i/...
   """
-  init = {t_path: x for t_path, x in _flat(params0)}
+  init = {t_path: x for t_path, x in _flat(params0, scanned)}
   rows, groups = [], {"layer": {}, "kind": {}}
   total = {"sq": 0.0, "init_sq": 0.0, "delta_sq": 0.0, "count": 0}
-  for path, x in _flat(params):
+  for path, x in _flat(params, scanned):
     if path not in init:
       raise JaxlmError(f"parameter {path} has no counterpart in the initialisation: the run's "
                        "model config does not match its checkpoint")
@@ -464,9 +477,21 @@ def drift_report(params: PyTree, params0: PyTree) -> dict[str, Any]:
           "most_changed": [r["path"] for r in sorted(rows, key=lambda r: -r["delta_rms"])[:5]]}
 
 
-def _flat(params: PyTree) -> list[tuple[str, Any]]:
-  return [(_path_name(path), x)
-          for path, x in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]]
+# The name model.GPT gives its stack of blocks under scan_layers (params [N, ...]).
+SCANNED_STACK = "h"
+
+
+def _flat(params: PyTree, scanned: bool) -> list[tuple[str, Any]]:
+  out = []
+  for path, x in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]:
+    name = _path_name(path)
+    top, _, rest = name.partition("/")
+    if scanned and top == SCANNED_STACK:
+      stack = np.asarray(x)
+      out += [(f"{top}_{i}/{rest}", stack[i]) for i in range(stack.shape[0])]
+    else:
+      out.append((name, x))
+  return out
 
 
 def run_report(workdir: str, step: int | str | None = None) -> dict[str, Any]:
@@ -475,7 +500,8 @@ def run_report(workdir: str, step: int | str | None = None) -> dict[str, Any]:
   `step`: a checkpoint step, 'best', or None / 'latest'.
   """
   run = train.load_run(workdir, step)
-  report = drift_report(run.params, initial_params(run.model, run.cfg.seed))
+  report = drift_report(run.params, initial_params(run.model, run.cfg.seed),
+                        scanned=run.model.cfg.scan_layers)
   report.update(workdir=workdir, step=int(run.step), seed=run.cfg.seed,
                 total=sum(r["count"] for r in report["tensors"]), warnings=[])
   if run.cfg.train.init_from:

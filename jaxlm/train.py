@@ -225,7 +225,9 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
   step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                   "param_norm": optax.tree.norm(params)}
   if layer_stats:
-    step_metrics.update(metrics.layer_stats(params, grads, updates))
+    # Under scan_layers the blocks are one stacked subtree, "h"; report them per layer anyway.
+    stacked = "h" if model.cfg.scan_layers else None
+    step_metrics.update(metrics.layer_stats(params, grads, updates, stacked=stacked))
   return new_state, step_metrics
 
 

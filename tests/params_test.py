@@ -1,5 +1,6 @@
 """`jaxlm params`: anatomy, memory and compute preflight, in-step layer stats, drift from init."""
 
+import dataclasses
 import functools
 import json
 import math
@@ -87,6 +88,15 @@ def test_formula_matches_the_flax_tree_for_other_architectures(overrides):
   assert not r["warnings"]
 
 
+def test_scanned_layers_report_the_same_counts_per_layer():
+  plain, scanned = report_for("smoke"), report_for("smoke", model__scan_layers=True)
+  assert scanned["params"]["by_layer"] == plain["params"]["by_layer"]
+  assert scanned["params"]["by_kind"] == plain["params"]["by_kind"]
+  row = next(t for t in scanned["tensors"] if t["path"] == "h/mlp/fc/kernel")
+  assert row["shape"] == [2, 32, 128] and row["logical_axes"] == ["layers", "embed", "mlp"]
+  assert scanned["memory"]["bytes"] == plain["memory"]["bytes"]
+
+
 def test_config_report_allocates_nothing():
   # A 7B-like shape reports in well under a second of tracing: shapes only, no arrays.
   r = report_for("gpt2_small", model__n_layer=32, model__d_model=4096, model__n_head=32,
@@ -145,8 +155,12 @@ def test_activation_estimate_by_hand():
   # two blocks 4608; once per token 2·D·c + 2·4·V = 256 + 520 = 776; total 5384 bytes.
   mcfg = train.model_config(load_config("smoke"), 65)
   assert params.activation_bytes_per_token(mcfg) == 5384
-  # The remat hook: only block inputs (D·c each) plus one block's full activations.
-  assert params.activation_bytes_per_token(mcfg, remat="block") == 2 * 128 + 2304 + 776
+  # model.remat keeps less per block, plus one block's full activations during recomputation:
+  # "full" the block input (D·c = 128 bytes); "dots" also q, k/v, both projections and fc,
+  # c·(4·D + 2·G·K + F) = 4·(128 + 64 + 128) = 1280 bytes.
+  remat = {r: dataclasses.replace(mcfg, remat=r) for r in ("full", "dots")}
+  assert params.activation_bytes_per_token(remat["full"]) == 2 * 128 + 2304 + 776
+  assert params.activation_bytes_per_token(remat["dots"]) == 2 * 1280 + 2304 + 776
   r = report_for("smoke")
   # 8 sequences over 8 devices: one 16-token sequence per device.
   assert r["memory"]["bytes"]["activations"]["per_device"] == 5384 * 16
@@ -176,8 +190,20 @@ def test_text_report_shows_both_kinds_of_parameter():
 
 # --- Per-layer stats inside the train step ---------------------------------------------------
 
-def test_layer_stats_from_inside_the_step_equal_host_norms():
+def per_layer(tree, scanned):
+  """{layer: subtree}, the stacked blocks of a scanned model sliced into h_0, h_1, ..."""
+  out = {k: v for k, v in tree.items() if not (scanned and k == "h")}
+  if scanned:
+    n = jax.tree.leaves(tree["h"])[0].shape[0]
+    out.update({f"h_{i}": jax.tree.map(lambda x, i=i: np.asarray(x)[i], tree["h"])
+                for i in range(n)})
+  return out
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_layer_stats_from_inside_the_step_equal_host_norms(scan_layers):
   cfg = load_config("smoke")
+  cfg.model.scan_layers = scan_layers
   model, tx, state = smoke_state(cfg)
   step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, layer_stats=True))
   batch, rng = random_batch(8, 16), jax.random.key(1)
@@ -192,14 +218,15 @@ def test_layer_stats_from_inside_the_step_equal_host_norms():
 
   grads = jax.jit(jax.grad(lambda p: train.loss_fn(
       p, batch, jax.random.fold_in(rng, 2), model=model, z_loss=0.0)[0]))(old.params)
-  layers = set(state.params)
-  assert layers == {"wte", "wpe", "h_0", "h_1", "ln_f"}
-  for name in layers:
-    p_norm = host_norm(state.params[name])
+  new_layers, old_layers = per_layer(state.params, scan_layers), per_layer(old.params, scan_layers)
+  grad_layers = per_layer(grads, scan_layers)
+  assert set(new_layers) == {"wte", "wpe", "h_0", "h_1", "ln_f"}
+  for name in new_layers:
+    p_norm = host_norm(new_layers[name])
     np.testing.assert_allclose(m[f"params/norm/{name}"], p_norm, rtol=1e-5)
-    np.testing.assert_allclose(m[f"grads/norm/{name}"], host_norm(grads[name]), rtol=1e-4)
+    np.testing.assert_allclose(m[f"grads/norm/{name}"], host_norm(grad_layers[name]), rtol=1e-4)
     delta = jax.tree.map(lambda a, b: np.asarray(a, np.float64) - np.asarray(b, np.float64),
-                         state.params[name], old.params[name])
+                         new_layers[name], old_layers[name])
     np.testing.assert_allclose(m[f"update_ratio/{name}"], host_norm(delta) / p_norm, rtol=1e-3)
     assert m[f"update_ratio/{name}"] > 0
   np.testing.assert_allclose(m["params/norm"], host_norm(state.params), rtol=1e-5)
@@ -237,18 +264,15 @@ def test_training_writes_layer_stats_on_their_steps(tmp_path):
 
 # --- Drift from init ----------------------------------------------------------------------------
 
-def smoke_model_and_init(seed=0):
+def smoke_model_and_init(seed=0, scan_layers=False):
   cfg = load_config("smoke")
+  cfg.model.scan_layers = scan_layers
   model = model_lib.make_model(train.model_config(cfg, 65))
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  # The init exactly as train_and_evaluate builds it: jitted, created sharded on the mesh.
-  init_rng, _ = train.init_rngs(seed)
-  init_fn = functools.partial(train.init_boxed_state, model=model, tx=tx)
+  # The init exactly as train_and_evaluate builds it: jitted, created sharded on an FSDP mesh.
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-  shardings = sharding.logical_shardings(jax.eval_shape(init_fn, init_rng), mesh,
-                                         sharding.get_rules("fsdp"))
-  state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(init_rng)
-  return model, tx, state
+  fns = train.make_sharded_training(model, tx, mesh, sharding.get_rules("fsdp"))
+  return model, tx, fns.init(train.init_rngs(seed)[0])
 
 
 def test_drift_is_exactly_zero_at_init():
@@ -293,6 +317,16 @@ def test_drift_grows_during_a_short_run(tmp_path):
   png = tmp_path / "drift.png"
   params.plot_drift(last, str(png))
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_drift_of_a_scanned_model_is_reported_per_layer():
+  model, _, state = smoke_model_and_init(seed=0, scan_layers=True)
+  params0 = params.initial_params(model, seed=0)
+  jax.tree.map(np.testing.assert_array_equal, state.params, params0)
+  report = params.drift_report(state.params, params0, scanned=True)
+  assert report["global"]["delta_norm"] == 0.0
+  assert list(report["by_layer"]) == ["wte", "wpe", "h_0", "h_1", "ln_f"]
+  assert "h_1/mlp/fc/kernel" in {t["path"] for t in report["tensors"]}
 
 
 def test_drift_rejects_params_that_do_not_match_the_init():
