@@ -28,6 +28,10 @@ _TIMEOUT = flags.DEFINE_float("timeout", 0, "launch: stop everything after this 
 _INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 300, "launch: seconds for all peers to join.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout", 100,
                                           "launch: seconds of silence before a peer is dead.")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "launch: host:port of process 0 "
+                                   "(default: a free loopback port).")
+_PROCESS_IDS = flags.DEFINE_list("process_ids", [], "launch: start only these process ids here "
+                                 "(default: all).")
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "Batches to evaluate (default: the run's "
                                    "train.eval_steps).")
 
@@ -82,7 +86,9 @@ def cmd_launch(argv: list[str]) -> None:
   code = launch.launch_local(argv, num_processes=_NUM_PROCESSES.value,
                              devices_per_process=_DEVICES_PER_PROCESS.value,
                              timeout=_TIMEOUT.value, init_timeout=_INIT_TIMEOUT.value,
-                             heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
+                             heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
+                             coordinator=_COORDINATOR.value,
+                             process_ids=[int(i) for i in _PROCESS_IDS.value] or None)
   sys.exit(code)
 
 
