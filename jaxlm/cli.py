@@ -32,6 +32,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator", "", "launch: host:port of proc
                                    "(default: a free loopback port).")
 _PROCESS_IDS = flags.DEFINE_list("process_ids", [], "launch: start only these process ids here "
                                  "(default: all).")
+_BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench: timed steps after warm-up.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "bench: also write the report to this file.")
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "Batches to evaluate (default: the run's "
                                    "train.eval_steps).")
 
@@ -41,6 +43,7 @@ commands:
   train   train a model, or resume it:
             jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
   eval    evaluate a checkpoint:  jaxlm eval --workdir runs/sc [--step N|best]
+  bench   time the train step, tokens/s and MFU:  jaxlm bench --config C [--steps 20]
   launch  run a command as N processes of one JAX cluster on this machine:
             jaxlm launch --num_processes 2 --devices_per_process 2 -- train --config C --workdir W
 """
@@ -81,6 +84,21 @@ def cmd_eval(argv: list[str]) -> None:
         f"{result['tokens']:,} tokens")
 
 
+def cmd_bench(argv: list[str]) -> None:
+  del argv
+  _require(_CONFIG.value, "config")
+  import json
+
+  from jaxlm import bench, distributed
+  distributed.initialize(_CONFIG.value.distributed)
+  report = bench.bench_train(_CONFIG.value, steps=_BENCH_STEPS.value)
+  print(bench.format_report(report))
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+  print(json.dumps(report))
+
+
 def cmd_launch(argv: list[str]) -> None:
   from jaxlm import launch
   code = launch.launch_local(argv, num_processes=_NUM_PROCESSES.value,
@@ -92,7 +110,7 @@ def cmd_launch(argv: list[str]) -> None:
   sys.exit(code)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "launch": cmd_launch}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "launch": cmd_launch}
 
 
 class _QuietLibraries(py_logging.Filter):
