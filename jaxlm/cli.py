@@ -1,7 +1,8 @@
 """The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.K=V ...]`.
 
-Commands: train, eval, params. Each command parses flags, hands the locked config to the
-library and prints bad input as one line (`jaxlm: error: ...`) instead of a traceback.
+Commands: train, eval, bench, launch, params. Each command parses flags, hands the locked
+config to the library and prints bad input as one line (`jaxlm: error: ...`) instead of a
+traceback.
 """
 
 from __future__ import annotations
@@ -28,6 +29,12 @@ _TIMEOUT = flags.DEFINE_float("timeout", 0, "launch: stop everything after this 
 _INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 300, "launch: seconds for all peers to join.")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout", 100,
                                           "launch: seconds of silence before a peer is dead.")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "launch: host:port of process 0 "
+                                   "(default: a free loopback port).")
+_PROCESS_IDS = flags.DEFINE_list("process_ids", [], "launch: start only these process ids here "
+                                 "(default: all).")
+_BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench: timed steps after warm-up.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "bench: also write the report to this file.")
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "Batches to evaluate (default: the run's "
                                    "train.eval_steps).")
 # `jaxlm params` flags.
@@ -50,6 +57,7 @@ commands:
   train   train a model, or resume it:
             jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
   eval    evaluate a checkpoint:  jaxlm eval --workdir runs/sc [--step N|best]
+  bench   time the train step, tokens/s and MFU:  jaxlm bench --config C [--steps 20]
   params  what the parameters are, what they cost, whether a config fits (nothing allocated):
             jaxlm params --config configs/gpt2_small.py [--device "TPU v4"] [--format json]
           and, for a trained run, how far each tensor moved from its random init:
@@ -121,16 +129,33 @@ def cmd_params(argv: list[str]) -> None:
   sys.stdout.write(json.dumps(report, indent=2) + "\n" if _FORMAT.value == "json" else text)
 
 
+def cmd_bench(argv: list[str]) -> None:
+  del argv
+  _require(_CONFIG.value, "config")
+  import json
+
+  from jaxlm import bench, distributed
+  distributed.initialize(_CONFIG.value.distributed)
+  report = bench.bench_train(_CONFIG.value, steps=_BENCH_STEPS.value)
+  print(bench.format_report(report))
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+  print(json.dumps(report))
+
+
 def cmd_launch(argv: list[str]) -> None:
   from jaxlm import launch
   code = launch.launch_local(argv, num_processes=_NUM_PROCESSES.value,
                              devices_per_process=_DEVICES_PER_PROCESS.value,
                              timeout=_TIMEOUT.value, init_timeout=_INIT_TIMEOUT.value,
-                             heartbeat_timeout=_HEARTBEAT_TIMEOUT.value)
+                             heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
+                             coordinator=_COORDINATOR.value,
+                             process_ids=[int(i) for i in _PROCESS_IDS.value] or None)
   sys.exit(code)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "launch": cmd_launch,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "launch": cmd_launch,
             "params": cmd_params}
 
 

@@ -37,17 +37,27 @@ def _relay(i: int, stream, out) -> None:
 
 
 def launch_local(argv: list[str], *, num_processes: int, devices_per_process: int = 0,
-                 timeout: float = 0, init_timeout: int = 300,
-                 heartbeat_timeout: int = 100) -> int:
-  """Runs `jaxlm ARGV` as `num_processes` processes; returns the first non-zero exit code."""
+                 timeout: float = 0, init_timeout: int = 300, heartbeat_timeout: int = 100,
+                 coordinator: str = "", process_ids: list[int] | None = None) -> int:
+  """Runs `jaxlm ARGV` as `num_processes` processes; returns the first non-zero exit code.
+
+  `process_ids` starts only some of them here (the rest run on other machines, all given the
+  same `coordinator` host:port, the one of process 0).
+  """
   if num_processes < 1:
     raise JaxlmError(f"--num_processes must be >= 1, got {num_processes}")
   if not argv:
     raise JaxlmError("nothing to launch: give a jaxlm command after --, e.g. "
                      "jaxlm launch --num_processes 2 -- train --config C --workdir W")
-  address = f"127.0.0.1:{free_port()}"
+  ids = list(range(num_processes)) if process_ids is None else sorted(set(process_ids))
+  if not ids or not all(0 <= i < num_processes for i in ids):
+    raise JaxlmError(f"--process_ids must be between 0 and {num_processes - 1}, got {ids}")
+  if len(ids) < num_processes and not coordinator:
+    raise JaxlmError("starting only some processes here needs --coordinator host:port, the "
+                     "address of process 0 that every machine can reach")
+  address = coordinator or f"127.0.0.1:{free_port()}"
   children = []
-  for i in range(num_processes):
+  for i in ids:
     env = dict(os.environ)
     if devices_per_process:
       env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS") or "cpu"
@@ -71,7 +81,7 @@ def launch_local(argv: list[str], *, num_processes: int, devices_per_process: in
   first_failure = 0
   try:
     while any(c.poll() is None for c in children):
-      for i, c in enumerate(children):
+      for i, c in zip(ids, children, strict=True):
         if c.poll() not in (None, 0) and not first_failure:
           first_failure = c.returncode
           _explain(i, c.returncode, init_timeout, heartbeat_timeout)
@@ -85,11 +95,12 @@ def launch_local(argv: list[str], *, num_processes: int, devices_per_process: in
   except KeyboardInterrupt:
     _stop(children)
     raise
-  for i, c in enumerate(children):
+  for i, c in zip(ids, children, strict=True):
     if c.returncode and not first_failure:
       first_failure = c.returncode
       _explain(i, c.returncode, init_timeout, heartbeat_timeout)
-  return first_failure
+  # A child killed by signal N reports -N; as an exit code of our own that is 128 + N.
+  return 128 - first_failure if first_failure < 0 else first_failure
 
 
 def _explain(i: int, code: int, init_timeout: int, heartbeat_timeout: int) -> None:

@@ -15,6 +15,7 @@ import pytest
 from conftest import CONFIGS, REPO, jaxlm_script, load_config, run_jaxlm
 
 from jaxlm import axes, data, optim, sharding, train
+from jaxlm import launch as launch_lib
 from jaxlm import model as model_lib
 from jaxlm.errors import JaxlmError
 
@@ -133,7 +134,7 @@ def test_sharded_grad_accumulation_equals_full_batch():
 def train_losses(workdir):
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     records = [json.loads(line) for line in f]
-  return {r["step"]: r[k] for r in records for k in ("train/loss", "val/loss") if k in r}
+  return {(r["step"], k): r[k] for r in records for k in ("train/loss", "val/loss") if k in r}
 
 
 def launch(workdir, num_processes, devices, *extra):
@@ -163,8 +164,8 @@ def test_two_processes_match_one_process_and_share_checkpoints(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from checkpoint at step 10" in proc.stderr
     resumed = train_losses(workdir)
-    np.testing.assert_allclose([resumed[s] for s in sorted(a) if s > 10],
-                               [a[s] for s in sorted(a) if s > 10], rtol=1e-5)
+    later = [key for key in sorted(a) if key[0] > 10]
+    np.testing.assert_allclose([resumed[k] for k in later], [a[k] for k in later], rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -197,3 +198,14 @@ def test_batch_sharding_and_divisor_follow_the_rules():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   assert sharding.batch_divisor(mesh, sharding.get_rules("dp")) == 8
   assert sharding.batch_divisor(mesh, sharding.get_rules("fsdp_tp")) == 4
+
+
+@pytest.mark.slow
+def test_a_peer_that_never_arrives_is_a_clear_error(tmp_path):
+  proc = run_jaxlm("launch", "--num_processes=2", "--process_ids=0", "--devices_per_process=1",
+                   "--init_timeout=5", f"--coordinator=127.0.0.1:{launch_lib.free_port()}",
+                   "--timeout=200", "--", "train", "--config", SMOKE, "--workdir",
+                   str(tmp_path / "w"), timeout=250)
+  assert proc.returncode == launch_lib.ABORTED
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("jaxlm: error:")]
+  assert lines and "never joined within distributed.init_timeout=5s" in lines[0], proc.stderr
