@@ -1,6 +1,6 @@
 """The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.K=V ...]`.
 
-Commands: train, eval. Each command parses flags, hands the locked config to the library and
+Commands: train, eval, sweep. Each command parses flags, hands the locked config to the library and
 prints bad input as one line (`jaxlm: error: ...`) instead of a traceback.
 """
 
@@ -22,6 +22,15 @@ _STEP = flags.DEFINE_string("step", None, "Checkpoint to load: a step number, 'l
                             "default) or 'best' (lowest validation loss).")
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "Batches to evaluate (default: the run's "
                                    "train.eval_steps).")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "sweep: trials to run at once.")
+_SUMMARIZE = flags.DEFINE_bool("summarize", False, "sweep: only rebuild results.csv, results.md "
+                               "and the plots from the trial directories in --workdir.")
+_WORKER = flags.DEFINE_bool("worker", False, "sweep: run trials of an adaptive search as one of "
+                            "several workers sharing its study; leaves the summary to --summarize.")
+_STORAGE = flags.DEFINE_string("storage", None, "sweep: Optuna storage URL of the study, e.g. "
+                               "postgresql://host/db (default: sqlite in --workdir).")
+_N_TRIALS = flags.DEFINE_integer("n_trials", None, "sweep: trials of an adaptive search (default: "
+                                 "the sweep file's N_TRIALS).")
 
 USAGE = """usage: jaxlm <command> [flags]
 
@@ -29,6 +38,10 @@ commands:
   train   train a model, or resume it:
             jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
   eval    evaluate a checkpoint:  jaxlm eval --workdir runs/sc [--step N|best]
+  sweep   run (or resume) a sweep, one `jaxlm train` per trial, then a table and plots:
+            jaxlm sweep --config configs/sweeps/shakespeare_lr.py --workdir runs/lr [--parallel N]
+          adaptive search workers sharing one study: add --worker [--storage URL] [--n_trials N]
+          rebuild the table and plots:  jaxlm sweep --summarize --workdir runs/lr
 """
 
 
@@ -65,7 +78,22 @@ def cmd_eval(argv: list[str]) -> None:
         f"{result['tokens']:,} tokens")
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval}
+def cmd_sweep(argv: list[str]) -> None:
+  del argv
+  _require(_WORKDIR.value, "workdir")
+  from jaxlm import sweep
+  if _SUMMARIZE.value:
+    sweep.summarize(_WORKDIR.value)
+    return
+  _require(_CONFIG.value, "config")
+  config_flag = flags.FLAGS["config"]
+  plan = sweep.prepare(config_flags.get_config_filename(config_flag), _CONFIG.value,
+                       config_flags.get_override_values(config_flag), n_trials=_N_TRIALS.value)
+  sweep.run(plan, _WORKDIR.value, parallel=_PARALLEL.value, worker=_WORKER.value,
+            storage=_STORAGE.value)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep}
 
 
 class _QuietLibraries(py_logging.Filter):
