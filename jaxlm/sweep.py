@@ -202,6 +202,8 @@ def flatten(cfg: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
 def set_override(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
   """cfg[key] = value for a dotted key of a locked config; JaxlmError names the key on failure."""
   known = flatten(cfg)
+  if any(k.startswith(key + ".") for k in known):
+    raise JaxlmError(f"{key} is a config section, not a value: sweep one of its keys")
   if key not in known:
     close = difflib.get_close_matches(key, list(known), n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
@@ -347,6 +349,9 @@ class Sweep:
   n_trials: int = 0
   sampler: str = "tpe"
   pruner: str = "median"
+  # The command that trains one trial, before its flags (tests substitute a fake trainer).
+  trainer: list[str] = dataclasses.field(
+      default_factory=lambda: [sys.executable, "-m", "jaxlm.cli", "train"])
 
 
 def prepare(config_path: str, cfg: ml_collections.ConfigDict, base_overrides: Trial, *,
@@ -393,8 +398,7 @@ def train_command(sweep: Sweep, trial_dir: str, overrides: Trial) -> list[str]:
   """The `jaxlm train` command of one trial: the sweep file, then every override as a flag."""
   merged = {k: v for k, v in sweep.base_overrides.items() if k not in overrides}
   merged.update(overrides)
-  return [sys.executable, "-m", "jaxlm.cli", "train", "--config", sweep.config_path,
-          "--workdir", trial_dir,
+  return [*sweep.trainer, "--config", sweep.config_path, "--workdir", trial_dir,
           *(f"--config.{k}={flag_value(v)}" for k, v in merged.items())]
 
 
@@ -1105,6 +1109,13 @@ def _by_step(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[f
   return steps, [values[s] for s in steps]
 
 
+def log_axis(values: Sequence[Any]) -> bool:
+  """A log x axis for positive numbers spanning more than 10x."""
+  numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
+  return (len(numbers) == len(values) and bool(numbers) and min(numbers) > 0
+          and max(numbers) / min(numbers) > 10)
+
+
 def write_plots(workdir: str, rows: list[dict[str, Any]], keys: list[str]) -> list[str]:
   """Final val loss vs each swept key, and every trial's loss curves; returns file names."""
   import matplotlib
@@ -1140,7 +1151,7 @@ def write_plots(workdir: str, rows: list[dict[str, Any]], keys: list[str]) -> li
       if pruned:
         ax.plot(*zip(*pruned, strict=True), "x", color="gray", markersize=9,
                 label="pruned" if label == sorted(groups)[0] else None)
-    if numeric and min(values) > 0 and max(values) / min(values) > 10:
+    if log_axis(values):
       ax.set_xscale("log")
     if not numeric:
       ax.set_xticks(range(len(categories)), categories)
