@@ -533,6 +533,7 @@ class Running:
   prune: bool = False  # The pruner asked it to stop.
   records: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # This attempt's.
   last: dict[str, Any] = dataclasses.field(default_factory=dict)  # Latest value of each key.
+  last_val: tuple[int, float] | None = None  # (step, val loss) of the latest evaluation.
   optuna_trial: Any = None
   reported: set[int] = dataclasses.field(default_factory=set)
 
@@ -542,6 +543,8 @@ class Running:
     self.records.extend(new)
     for record in new:
       self.last.update(record)
+      if isinstance(record.get(METRIC), (int, float)):
+        self.last_val = (record["step"], record[METRIC])
     return new
 
 
@@ -702,9 +705,10 @@ def run_pool(parallel: int, next_trial: Callable[[], Running | None],
         last_report = time.time()
         progress.log(running)
         for r in running:
-          val = r.last.get(METRIC)
+          val = (f" | val loss {r.last_val[1]:.4f} at step {r.last_val[0]}"
+                 if r.last_val else "")
           logging.info("  running %s: step %s/%d%s", r.spec.name, r.last.get("step", 0),
-                       r.spec.steps, f" | val loss {val:.4f}" if isinstance(val, float) else "")
+                       r.spec.steps, val)
   finally:
     interrupts.restore()
   return interrupts.count > 0
@@ -997,7 +1001,7 @@ def run_search(sweep: Sweep, workdir: str, *, parallel: int = 1, worker: bool = 
 # ---------------------------------------------------------------------------------------------
 
 def collect(workdir: str) -> list[dict[str, Any]]:
-  """One row per trial directory of `workdir`, best (lowest final val loss) first."""
+  """One row per trial directory of `workdir`: finished trials first, by final val loss."""
   if not os.path.isdir(workdir):
     raise JaxlmError(f"no sweep in {workdir!r}: the directory does not exist")
   rows = []
@@ -1023,7 +1027,9 @@ def collect(workdir: str) -> list[dict[str, Any]]:
         "attempts": state.get("attempts", 0), "dir": trial_dir, "records": records})
   if not rows:
     raise JaxlmError(f"no trials in {workdir!r}: none of its directories has a {STATE_FILE}")
-  rows.sort(key=lambda r: (r["final_val_loss"] is None, r["final_val_loss"] or 0.0, r["trial"]))
+  # A pruned, interrupted or failed trial's last val loss is partial: it ranks after the others.
+  rows.sort(key=lambda r: (r["final_val_loss"] is None, r["status"] != "done",
+                           r["final_val_loss"] or 0.0, r["trial"]))
   return rows
 
 
@@ -1082,7 +1088,7 @@ def _write_markdown(path: str, rows: list[dict[str, Any]], keys: list[str], plot
     counts[row["status"]] = counts.get(row["status"], 0) + 1
   lines = [f"# Sweep results: {os.path.basename(os.path.normpath(workdir))}", "",
            f"{len(rows)} trials ({', '.join(f'{n} {s}' for s, n in sorted(counts.items()))}), "
-           "sorted by final validation loss (lower is better).", "",
+           "finished trials first, sorted by final validation loss (lower is better).", "",
            "| # | " + " | ".join(f"`{k}`" for k in keys) +
            " | final val loss | best val loss | steps | tokens/s | wall time | status |",
            "|---" * (len(keys) + 7) + "|"]

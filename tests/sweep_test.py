@@ -390,17 +390,35 @@ with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
     loss = 2 + abs(math.log10(lr) + 2.5) + 1 / step
     f.write(json.dumps({"step": step, "val/loss": loss}) + "\\n")
     f.flush()
+    if step == 3 and os.environ.get("FAKE_STOP_SWEEP") and not os.path.exists(
+        os.environ["FAKE_STOP_SWEEP"]):
+      open(os.environ["FAKE_STOP_SWEEP"], "w").close()  # Only the first trial does this.
+      os.kill(os.getppid(), signal.SIGTERM)  # As if the sweep were preempted.
     if stop:
       break
   f.write(json.dumps({"step": step, "wall_time_sec": 0.3}) + "\\n")
 '''
 
 
+def fake_search(tmp_path, body):
+  """A prepared adaptive search whose trials run the fake trainer above."""
+  path = sweep_file(tmp_path, body)
+  (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
+  cfg = sweep.load_module(path).get_config()
+  cfg.lock()
+  plan = sweep.prepare(path, cfg, {})
+  plan.trainer = [sys.executable, str(tmp_path / "fake_trainer.py")]
+  return plan
+
+
+# In-process, the sweep forks from this pytest process, where JAX's backend already runs threads;
+# the `jaxlm sweep` process never starts a backend, so its forks are safe.
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_search_prunes_trials_worse_than_the_median(tmp_path, monkeypatch):
   import optuna
 
   monkeypatch.setattr(sweep, "_POLL_SEC", 0.01)
-  path = sweep_file(tmp_path, '''
+  plan = fake_search(tmp_path, '''
       N_TRIALS = 12
       SAMPLER = "random"
       PRUNER = "median"
@@ -409,12 +427,6 @@ def test_search_prunes_trials_worse_than_the_median(tmp_path, monkeypatch):
       def get_search_space():
         return {"optim.lr": sweep.log_uniform(1e-5, 1e0)}
       ''')
-  (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
-  cfg = sweep.load_module(path).get_config()
-  cfg.train.steps = 10
-  cfg.lock()
-  plan = sweep.prepare(path, cfg, {})
-  plan.trainer = [sys.executable, str(tmp_path / "fake_trainer.py")]
   workdir = tmp_path / "search"
   rows = sweep.run(plan, str(workdir), parallel=2)
 
@@ -432,3 +444,33 @@ def test_search_prunes_trials_worse_than_the_median(tmp_path, monkeypatch):
   # A second run finds the study full and runs nothing.
   assert len(sweep.run(plan, str(workdir), parallel=2)) == 12
   assert len(study.get_trials()) == 12
+
+
+@pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
+def test_interrupted_search_resumes_its_running_trial(tmp_path, monkeypatch):
+  import optuna
+
+  monkeypatch.setattr(sweep, "_POLL_SEC", 0.01)
+  monkeypatch.setenv("FAKE_STOP_SWEEP", str(tmp_path / "stopped"))
+  plan = fake_search(tmp_path, '''
+      N_TRIALS = 3
+      PRUNER = "none"
+
+
+      def get_search_space():
+        return {"optim.lr": sweep.log_uniform(1e-4, 1e-2)}
+      ''')
+  workdir = tmp_path / "search"
+  sweep.run(plan, str(workdir), parallel=1)  # Its first trial stops it (SIGTERM) at step 3.
+  study = optuna.load_study(study_name="search", storage=f"sqlite:///{workdir}/study.db")
+  (first,) = study.get_trials()
+  assert first.state == optuna.trial.TrialState.RUNNING
+  assert state(first.user_attrs["trial_dir"])["status"] == "interrupted"
+
+  sweep.run(plan, str(workdir), parallel=1)
+  trials = study.get_trials()
+  assert [t.number for t in trials] == [0, 1, 2]  # Resumed, not asked again.
+  assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+  assert state(first.user_attrs["trial_dir"])["attempts"] == 2
+  assert [state(t.user_attrs["trial_dir"])["attempts"] for t in trials[1:]] == [1, 1]
+  assert trials[0].params == first.params
