@@ -8,6 +8,8 @@ with `N_TRIALS` (and optionally `SAMPLER` = "tpe" | "random", `PRUNER` = "median
 Layout of a sweep workdir W: one directory per trial (named after its overrides) holding the
 trial's own run (config.json, metrics.jsonl, checkpoints/), its log `train.log` and its sweep
 state `trial.json`; then results.csv, results.md and PNG plots, rebuilt from those alone.
+Running the same sweep again skips finished trials, resumes interrupted ones from their
+checkpoints and tries failed ones again (except those whose values validate_config rejects).
 """
 
 from __future__ import annotations
