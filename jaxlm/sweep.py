@@ -416,12 +416,17 @@ def read_state(trial_dir: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
+def _tmp(path: str) -> str:
+  """A temporary name beside `path`, private to this process (several may write `path`)."""
+  return f"{path}.{os.getpid()}.tmp"
+
+
 def write_state(trial_dir: str, state: dict[str, Any]) -> None:
   os.makedirs(trial_dir, exist_ok=True)
   path = os.path.join(trial_dir, STATE_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
+  with open(_tmp(path), "w", encoding="utf-8") as f:
     json.dump(state, f, indent=2)  # Insertion order: the sweep file's order of keys.
-  os.replace(path + ".tmp", path)  # Atomic: a reader never sees half a file.
+  os.replace(_tmp(path), path)  # Atomic: a reader never sees half a file.
 
 
 def _normal(x: Any) -> Any:
@@ -794,9 +799,9 @@ def _write_sweep_json(sweep: Sweep, workdir: str) -> None:
             "trials": [s.name for s in sweep.trials or []],
             "search_space": _normal(sweep.space), "n_trials": sweep.n_trials}
   path = os.path.join(workdir, "sweep.json")
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
+  with open(_tmp(path), "w", encoding="utf-8") as f:
     json.dump(record, f, indent=2)
-  os.replace(path + ".tmp", path)
+  os.replace(_tmp(path), path)
 
 
 def _conclude(workdir: str, interrupted: bool, progress: Progress,
@@ -1059,9 +1064,9 @@ def summarize(workdir: str) -> list[dict[str, Any]]:
 
 
 def _atomic_write(path: str, text: str) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8", newline="") as f:
+  with open(_tmp(path), "w", encoding="utf-8", newline="") as f:
     f.write(text)
-  os.replace(path + ".tmp", path)  # Several workers may summarise at once: last one wins.
+  os.replace(_tmp(path), path)  # Several processes may summarise at once: last one wins.
 
 
 def _write_csv(path: str, rows: list[dict[str, Any]], keys: list[str]) -> None:
@@ -1117,6 +1122,14 @@ def _by_step(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[f
   return steps, [values[s] for s in steps]
 
 
+def _save(fig: Any, path: str) -> None:
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  fig.savefig(_tmp(path), dpi=110, format="png")
+  os.replace(_tmp(path), path)
+  plt.close(fig)
+
+
 def log_axis(values: Sequence[Any]) -> bool:
   """A log x axis for positive numbers spanning more than 10x."""
   numbers = [v for v in values if isinstance(v, (int, float)) and not isinstance(v, bool)]
@@ -1170,9 +1183,7 @@ def write_plots(workdir: str, rows: list[dict[str, Any]], keys: list[str]) -> li
     if len(groups) > 1 or any(r["status"] == "pruned" for r in points):
       ax.legend(fontsize=7)
     name = f"val_loss_vs_{key}.png"
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, name), dpi=110)
-    plt.close(fig)
+    _save(fig, os.path.join(workdir, name))
     written.append(name)
 
   curves = [r for r in rows if any(METRIC in rec or "train/loss" in rec for rec in r["records"])]
@@ -1189,8 +1200,6 @@ def write_plots(workdir: str, rows: list[dict[str, Any]], keys: list[str]) -> li
     ax.set_title("validation loss (lines with dots) and training loss (faint)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(workdir, "loss_curves.png"), dpi=110)
-    plt.close(fig)
+    _save(fig, os.path.join(workdir, "loss_curves.png"))
     written.append("loss_curves.png")
   return written
