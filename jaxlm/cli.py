@@ -1,8 +1,8 @@
 """The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.K=V ...]`.
 
-Commands: train, eval, bench, launch, params. Each command parses flags, hands the locked
-config to the library and prints bad input as one line (`jaxlm: error: ...`) instead of a
-traceback.
+Commands: train, eval, sweep, bench, launch, params. Each command parses flags, hands the
+locked config to the library and prints bad input as one line (`jaxlm: error: ...`) instead
+of a traceback.
 """
 
 from __future__ import annotations
@@ -50,6 +50,15 @@ _MFU = flags.DEFINE_float("mfu", 0.4, "params: model FLOPs utilisation assumed f
 _NUM_DEVICES = flags.DEFINE_integer(
     "num_devices", None, "params: devices of the target (default: this machine's).")
 _PLOT = flags.DEFINE_string("plot", None, "params --workdir: write a PNG of drift per layer.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "sweep: trials to run at once.")
+_SUMMARIZE = flags.DEFINE_bool("summarize", False, "sweep: only rebuild results.csv, results.md "
+                               "and the plots from the trial directories in --workdir.")
+_WORKER = flags.DEFINE_bool("worker", False, "sweep: run trials of an adaptive search as one of "
+                            "several workers sharing its study; leaves the summary to --summarize.")
+_STORAGE = flags.DEFINE_string("storage", None, "sweep: Optuna storage URL of the study, e.g. "
+                               "postgresql://host/db (default: sqlite in --workdir).")
+_N_TRIALS = flags.DEFINE_integer("n_trials", None, "sweep: trials of an adaptive search (default: "
+                                 "the sweep file's N_TRIALS).")
 
 USAGE = """usage: jaxlm <command> [flags]
 
@@ -57,6 +66,10 @@ commands:
   train   train a model, or resume it:
             jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
   eval    evaluate a checkpoint:  jaxlm eval --workdir runs/sc [--step N|best]
+  sweep   run (or resume) a sweep, one `jaxlm train` per trial, then a table and plots:
+            jaxlm sweep --config configs/sweeps/shakespeare_lr.py --workdir runs/lr [--parallel N]
+          adaptive search workers sharing one study: add --worker [--storage URL] [--n_trials N]
+          rebuild the table and plots:  jaxlm sweep --summarize --workdir runs/lr
   bench   time the train step, tokens/s and MFU:  jaxlm bench --config C [--steps 20]
   params  what the parameters are, what they cost, whether a config fits (nothing allocated):
             jaxlm params --config configs/gpt2_small.py [--device "TPU v4"] [--format json]
@@ -155,8 +168,23 @@ def cmd_launch(argv: list[str]) -> None:
   sys.exit(code)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "launch": cmd_launch,
-            "params": cmd_params}
+def cmd_sweep(argv: list[str]) -> None:
+  del argv
+  _require(_WORKDIR.value, "workdir")
+  from jaxlm import sweep
+  if _SUMMARIZE.value:
+    sweep.summarize(_WORKDIR.value)
+    return
+  _require(_CONFIG.value, "config")
+  config_flag = flags.FLAGS["config"]
+  plan = sweep.prepare(config_flags.get_config_filename(config_flag), _CONFIG.value,
+                       config_flags.get_override_values(config_flag), n_trials=_N_TRIALS.value)
+  sweep.run(plan, _WORKDIR.value, parallel=_PARALLEL.value, worker=_WORKER.value,
+            storage=_STORAGE.value)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
+            "launch": cmd_launch, "params": cmd_params}
 
 
 class _QuietLibraries(py_logging.Filter):
