@@ -193,6 +193,20 @@ def test_notpu_check_zone_trusts_the_user():
       "gcloud compute tpus tpu-vm create lm1 --zone=us-east5-a --accelerator-type=v4-8")
 
 
+def test_readme_shows_the_commands_jaxlm_prints(tmp_path, monkeypatch):
+  """experiments/tpu/README.md quotes the dry run of example 1; keep the two in sync."""
+  monkeypatch.setenv("TMPDIR", str(tmp_path))
+  with open(os.path.join(REPO, "experiments", "tpu", "README.md"), encoding="utf-8") as f:
+    readme = f.read().splitlines()
+  where = ["--tpu_name=sc-v4", "--tpu_zone=us-central2-b", "--tpu_accelerator=v4-8"]
+  printed = (dry_run("up", *where, "--tpu_spot").stdout + dry_run(
+      "run", *where, "--", "train", "--config", "configs/shakespeare_char_large.py",
+      "--workdir", "gs://my-bucket/sc-large", "--config.model.dtype=bfloat16").stdout)
+  for line in printed.splitlines():
+    line = line.replace(REPO, "/home/you/jaxlm").replace(str(tmp_path), "/tmp")
+    assert line in readme, line
+
+
 def test_worker_scripts_in_a_local_shell(tmp_path):
   """The start, probe, follow and stop scripts, run by bash in a fake home with a fake python."""
   venv_bin = tmp_path / "jaxlm-venv" / "bin"
