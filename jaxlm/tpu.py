@@ -99,6 +99,7 @@ def find_accelerator(name: str) -> Accelerator:
   if name in ACCELERATORS:
     return ACCELERATORS[name]
   family = name.rsplit("-", 1)[0]
+  family = "v5litepod" if family == "v5e" else family  # gcloud's name for v5e slices.
   same = [k for k in ACCELERATORS if k.rsplit("-", 1)[0] == family]
   if same:
     known = f"known {family} types: {', '.join(same)}"
@@ -124,8 +125,12 @@ PID = "~/jaxlm-run.pid"
 # workers get a uv-managed interpreter of this version.
 PYTHON = "3.12"
 
-# VM states after which the slice has to be deleted and created again.
+# States after which the slice has to be deleted and created again (NOT_FOUND: it is gone).
 LOST = ("PREEMPTED", "TERMINATED", "NOT_FOUND")
+
+
+def _tpus(*args: str) -> list[str]:
+  return ["gcloud", "compute", "tpus", *args]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,41 +148,38 @@ class Slice:
   def hosts(self) -> int:
     return self.accelerator.hosts if self.accelerator else 1
 
-  def _tpus(self, *args: str) -> list[str]:
-    return ["gcloud", "compute", "tpus", *args]
-
   def create(self) -> list[str]:
     acc = self.accelerator
     if self.queued:
-      cmd = self._tpus("queued-resources", "create", self.name, f"--node-id={self.name}",
-                       f"--zone={self.zone}", f"--accelerator-type={acc.name}",
-                       f"--runtime-version={self.version}")
+      cmd = _tpus("queued-resources", "create", self.name, f"--node-id={self.name}",
+                  f"--zone={self.zone}", f"--accelerator-type={acc.name}",
+                  f"--runtime-version={self.version}")
     else:
-      cmd = self._tpus("tpu-vm", "create", self.name, f"--zone={self.zone}",
-                       f"--accelerator-type={acc.name}", f"--version={self.version}")
+      cmd = _tpus("tpu-vm", "create", self.name, f"--zone={self.zone}",
+                  f"--accelerator-type={acc.name}", f"--version={self.version}")
     return cmd + ["--spot"] * self.spot + ["--preemptible"] * self.preemptible
 
   def queue_state(self) -> list[str]:
-    return self._tpus("queued-resources", "describe", self.name, f"--zone={self.zone}",
-                      "--format=value(state.state)")
+    return _tpus("queued-resources", "describe", self.name, f"--zone={self.zone}",
+                 "--format=value(state.state)")
 
   def describe(self) -> list[str]:
-    return self._tpus("tpu-vm", "describe", self.name, f"--zone={self.zone}",
-                      "--format=value(state)")
+    return _tpus("tpu-vm", "describe", self.name, f"--zone={self.zone}",
+                 "--format=value(state)")
 
   def delete(self) -> list[str]:
     if self.queued:  # --force deletes the node too.
-      return self._tpus("queued-resources", "delete", self.name, f"--zone={self.zone}",
-                        "--force", "--quiet")
-    return self._tpus("tpu-vm", "delete", self.name, f"--zone={self.zone}", "--quiet")
+      return _tpus("queued-resources", "delete", self.name, f"--zone={self.zone}",
+                   "--force", "--quiet")
+    return _tpus("tpu-vm", "delete", self.name, f"--zone={self.zone}", "--quiet")
 
   def ssh(self, script: str, worker: str = "all") -> list[str]:
-    return self._tpus("tpu-vm", "ssh", self.name, f"--zone={self.zone}", f"--worker={worker}",
-                      "--command", script)
+    return _tpus("tpu-vm", "ssh", self.name, f"--zone={self.zone}", f"--worker={worker}",
+                 "--command", script)
 
   def scp(self, local: str, remote: str) -> list[str]:
-    return self._tpus("tpu-vm", "scp", local, f"{self.name}:{remote}", f"--zone={self.zone}",
-                      "--worker=all")
+    return _tpus("tpu-vm", "scp", local, f"{self.name}:{remote}", f"--zone={self.zone}",
+                 "--worker=all")
 
 
 def make_slice(name: str | None, zone: str | None, accelerator: str | None = None, *,
