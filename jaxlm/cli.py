@@ -186,6 +186,50 @@ def cmd_sweep(argv: list[str]) -> None:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
             "launch": cmd_launch, "params": cmd_params}
 
+# --- jaxlm tpu: Cloud TPU VMs (experiments/tpu/README.md). One block, so that merging it with
+# other branches' commands stays a one-hunk affair; fold it into the lists above at will.
+_TPU_NAME = flags.DEFINE_string("tpu_name", None, "tpu: name of the TPU VM (slice).")
+_TPU_ZONE = flags.DEFINE_string("tpu_zone", None, "tpu: zone, e.g. us-central2-b.")
+_TPU_ACCELERATOR = flags.DEFINE_string("tpu_accelerator", None,
+                                       "tpu: accelerator type, e.g. v4-8, v4-32, v5litepod-16.")
+_TPU_VERSION = flags.DEFINE_string("tpu_version", "", "tpu: runtime version (default: the one "
+                                   "Google recommends for JAX on that TPU generation).")
+_TPU_SPOT = flags.DEFINE_bool("tpu_spot", False, "tpu: a Spot VM: far cheaper, preemptible.")
+_TPU_PREEMPTIBLE = flags.DEFINE_bool("tpu_preemptible", False,
+                                     "tpu: a preemptible VM (the older kind; at most 24 hours).")
+_TPU_QUEUED = flags.DEFINE_bool("tpu_queued", False, "tpu: request the slice as a queued "
+                                "resource, which waits for capacity instead of failing.")
+_TPU_REPO = flags.DEFINE_string("tpu_repo", "", "tpu: git URL the workers clone (default: "
+                                "copy this checkout's committed HEAD).")
+_TPU_JAX = flags.DEFINE_string("tpu_jax", "jax[tpu]", "tpu: pip requirement for JAX on the "
+                               "workers, e.g. 'jax[tpu]==0.6.2'.")
+_TPU_CHECK_ZONE = flags.DEFINE_bool("tpu_check_zone", True, "tpu: refuse a zone that does not "
+                                    "offer the accelerator (per jaxlm's snapshot of the docs).")
+_TPU_POLL = flags.DEFINE_float("tpu_poll", 60, "tpu watch: seconds between checks.")
+_TPU_MAX_RETRIES = flags.DEFINE_integer("tpu_max_retries", 5,
+                                        "tpu watch: relaunches before giving up.")
+_TPU_DOWN_WHEN_DONE = flags.DEFINE_bool("tpu_down_when_done", False,
+                                        "tpu watch: delete the slice once the run has finished.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+
+
+def cmd_tpu(argv: list[str]) -> None:
+  from jaxlm import tpu
+  tpu.main(argv[0] if argv else "", argv[1:], name=_TPU_NAME.value, zone=_TPU_ZONE.value,
+           accelerator=_TPU_ACCELERATOR.value, version=_TPU_VERSION.value,
+           spot=_TPU_SPOT.value, preemptible=_TPU_PREEMPTIBLE.value, queued=_TPU_QUEUED.value,
+           repo_url=_TPU_REPO.value, jax=_TPU_JAX.value, check_zone=_TPU_CHECK_ZONE.value,
+           poll=_TPU_POLL.value, max_retries=_TPU_MAX_RETRIES.value,
+           down_when_done=_TPU_DOWN_WHEN_DONE.value, dry_run=_DRY_RUN.value)
+
+
+COMMANDS["tpu"] = cmd_tpu
+USAGE += """  tpu     Cloud TPU VMs: up, run, logs, stop, down, watch (relaunches when preempted):
+            jaxlm tpu watch --tpu_name lm1 --tpu_zone us-central2-b --tpu_accelerator v4-8 \\
+              --tpu_spot -- train --config configs/shakespeare_char.py --workdir gs://B/sc
+"""
+# --- end of jaxlm tpu.
+
 
 class _QuietLibraries(py_logging.Filter):
   """Hides orbax's per-save bookkeeping and JAX's backend probing unless --verbosity >= 1."""
