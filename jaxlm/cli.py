@@ -1,6 +1,6 @@
 """The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.K=V ...]`.
 
-Commands: train, eval, sweep, bench, launch, params. Each command parses flags, hands the
+Commands: train, eval, sweep, bench, params, launch, tpu. Each command parses flags, hands the
 locked config to the library and prints bad input as one line (`jaxlm: error: ...`) instead
 of a traceback.
 """
@@ -77,6 +77,9 @@ commands:
             jaxlm params --workdir runs/sc [--step N|best] [--plot drift.png]
   launch  run a command as N processes of one JAX cluster on this machine:
             jaxlm launch --num_processes 2 --devices_per_process 2 -- train --config C --workdir W
+  tpu     Cloud TPU VMs: up, run, logs, stop, down, watch (relaunches when preempted):
+            jaxlm tpu watch --tpu_name lm1 --tpu_zone us-central2-b --tpu_accelerator v4-8 \\
+              --tpu_spot -- train --config configs/shakespeare_char.py --workdir gs://B/sc
 """
 
 
@@ -183,11 +186,8 @@ def cmd_sweep(argv: list[str]) -> None:
             storage=_STORAGE.value)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
-            "launch": cmd_launch, "params": cmd_params}
 
-# --- jaxlm tpu: Cloud TPU VMs (experiments/tpu/README.md). One block, so that merging it with
-# other branches' commands stays a one-hunk affair; fold it into the lists above at will.
+# `jaxlm tpu` flags: Cloud TPU VMs (experiments/tpu/README.md).
 _TPU_NAME = flags.DEFINE_string("tpu_name", None, "tpu: name of the TPU VM (slice).")
 _TPU_ZONE = flags.DEFINE_string("tpu_zone", None, "tpu: zone, e.g. us-central2-b.")
 _TPU_ACCELERATOR = flags.DEFINE_string("tpu_accelerator", None,
@@ -223,12 +223,8 @@ def cmd_tpu(argv: list[str]) -> None:
            down_when_done=_TPU_DOWN_WHEN_DONE.value, dry_run=_DRY_RUN.value)
 
 
-COMMANDS["tpu"] = cmd_tpu
-USAGE += """  tpu     Cloud TPU VMs: up, run, logs, stop, down, watch (relaunches when preempted):
-            jaxlm tpu watch --tpu_name lm1 --tpu_zone us-central2-b --tpu_accelerator v4-8 \\
-              --tpu_spot -- train --config configs/shakespeare_char.py --workdir gs://B/sc
-"""
-# --- end of jaxlm tpu.
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sweep": cmd_sweep, "bench": cmd_bench,
+            "params": cmd_params, "launch": cmd_launch, "tpu": cmd_tpu}
 
 
 class _QuietLibraries(py_logging.Filter):
