@@ -1,7 +1,8 @@
 """The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.K=V ...]`.
 
-Commands: train, eval, sample. Each command parses flags, hands the locked config to the
-library and prints bad input as one line (`jaxlm: error: ...`) instead of a traceback.
+Commands: train, eval, sample, sweep, bench, params, launch, tpu. Each command parses flags,
+hands the locked config to the library and prints bad input as one line (`jaxlm: error: ...`)
+instead of a traceback.
 """
 
 from __future__ import annotations
@@ -20,8 +21,44 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: config, metrics, checkpoints.")
 _STEP = flags.DEFINE_string("step", None, "Checkpoint to load: a step number, 'latest' (the "
                             "default) or 'best' (lowest validation loss).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "launch: processes to start.")
+_DEVICES_PER_PROCESS = flags.DEFINE_integer(
+    "devices_per_process", 0, "launch: fake CPU devices per process (0 = the real devices).")
+_TIMEOUT = flags.DEFINE_float("timeout", 0, "launch: stop everything after this many seconds "
+                              "(0 = no limit).")
+_INIT_TIMEOUT = flags.DEFINE_integer("init_timeout", 300, "launch: seconds for all peers to join.")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer("heartbeat_timeout", 100,
+                                          "launch: seconds of silence before a peer is dead.")
+_COORDINATOR = flags.DEFINE_string("coordinator", "", "launch: host:port of process 0 "
+                                   "(default: a free loopback port).")
+_PROCESS_IDS = flags.DEFINE_list("process_ids", [], "launch: start only these process ids here "
+                                 "(default: all).")
+_BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench: timed steps after warm-up.")
+_JSON_OUT = flags.DEFINE_string("json_out", None, "bench: also write the report to this file.")
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "Batches to evaluate (default: the run's "
                                    "train.eval_steps).")
+# `jaxlm params` flags.
+_FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "params: report format.")
+_DEVICE = flags.DEFINE_string(
+    "device", None, "params: target device by name, e.g. 'TPU v4' or 'NVIDIA A100-SXM4-80GB' "
+    "(sets --peak_tflops and --device_memory_gb unless they are given).")
+_PEAK_TFLOPS = flags.DEFINE_float(
+    "peak_tflops", None, "params: peak TFLOP/s of one device, for the step-time estimate.")
+_DEVICE_MEMORY_GB = flags.DEFINE_float(
+    "device_memory_gb", None, "params: memory of one device in GiB; warns if the run won't fit.")
+_MFU = flags.DEFINE_float("mfu", 0.4, "params: model FLOPs utilisation assumed for step time.")
+_NUM_DEVICES = flags.DEFINE_integer(
+    "num_devices", None, "params: devices of the target (default: this machine's).")
+_PLOT = flags.DEFINE_string("plot", None, "params --workdir: write a PNG of drift per layer.")
+_PARALLEL = flags.DEFINE_integer("parallel", 1, "sweep: trials to run at once.")
+_SUMMARIZE = flags.DEFINE_bool("summarize", False, "sweep: only rebuild results.csv, results.md "
+                               "and the plots from the trial directories in --workdir.")
+_WORKER = flags.DEFINE_bool("worker", False, "sweep: run trials of an adaptive search as one of "
+                            "several workers sharing its study; leaves the summary to --summarize.")
+_STORAGE = flags.DEFINE_string("storage", None, "sweep: Optuna storage URL of the study, e.g. "
+                               "postgresql://host/db (default: sqlite in --workdir).")
+_N_TRIALS = flags.DEFINE_integer("n_trials", None, "sweep: trials of an adaptive search (default: "
+                                 "the sweep file's N_TRIALS).")
 
 # `jaxlm sample` flags; None = the value in the run's config.json `sample` section.
 _PROMPT = flags.DEFINE_string("prompt", None, "Text to continue (default: sample.prompt).")
@@ -45,6 +82,20 @@ commands:
             jaxlm sample --workdir runs/sc --prompt "ROMEO:" --temperature 0.8 --top_k 40 \\
                 --top_p 0.95 [--max_new_tokens N] [--num_samples N] [--seed N] [--step N|best]
                 [--prompt_file F]
+  sweep   run (or resume) a sweep, one `jaxlm train` per trial, then a table and plots:
+            jaxlm sweep --config configs/sweeps/shakespeare_lr.py --workdir runs/lr [--parallel N]
+          adaptive search workers sharing one study: add --worker [--storage URL] [--n_trials N]
+          rebuild the table and plots:  jaxlm sweep --summarize --workdir runs/lr
+  bench   time the train step, tokens/s and MFU:  jaxlm bench --config C [--steps 20]
+  params  what the parameters are, what they cost, whether a config fits (nothing allocated):
+            jaxlm params --config configs/gpt2_small.py [--device "TPU v4"] [--format json]
+          and, for a trained run, how far each tensor moved from its random init:
+            jaxlm params --workdir runs/sc [--step N|best] [--plot drift.png]
+  launch  run a command as N processes of one JAX cluster on this machine:
+            jaxlm launch --num_processes 2 --devices_per_process 2 -- train --config C --workdir W
+  tpu     Cloud TPU VMs: up, run, logs, stop, down, watch (relaunches when preempted):
+            jaxlm tpu watch --tpu_name lm1 --tpu_zone us-central2-b --tpu_accelerator v4-8 \\
+              --tpu_spot -- train --config configs/shakespeare_char.py --workdir gs://B/sc
 """
 
 
@@ -57,7 +108,9 @@ def cmd_train(argv: list[str]) -> None:
   del argv
   _require(_CONFIG.value, "config")
   _require(_WORKDIR.value, "workdir")
-  from jaxlm import train  # Imported here so that `jaxlm --help` does not load jax.
+  # Imported here so that `jaxlm --help` does not load jax.
+  from jaxlm import distributed, train
+  distributed.initialize(_CONFIG.value.distributed)  # Before anything touches a device.
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
@@ -136,7 +189,113 @@ def cmd_sample(argv: list[str]) -> None:
                result.compile_seconds)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}
+def cmd_params(argv: list[str]) -> None:
+  del argv
+  if (_CONFIG.value is None) == (_WORKDIR.value is None):
+    raise JaxlmError("give --config (a config's parameters) or --workdir (a trained run's)")
+  import json
+
+  from jaxlm import params
+  if _WORKDIR.value is not None:
+    report = params.run_report(_WORKDIR.value, step=_step_flag())
+    if _PLOT.value:
+      params.plot_drift(report, _PLOT.value)
+    text = params.format_run_text(report)
+  else:
+    if _STEP.value is not None or _PLOT.value:
+      raise JaxlmError("--step and --plot need --workdir (a trained run)")
+    import jax
+    report = params.config_report(
+        _CONFIG.value, config_path=config_flags.get_config_filename(flags.FLAGS["config"]),
+        n_devices=_NUM_DEVICES.value or jax.device_count(), device=_DEVICE.value or "",
+        peak_tflops=_PEAK_TFLOPS.value or 0.0, device_memory_gib=_DEVICE_MEMORY_GB.value or 0.0,
+        mfu=_MFU.value)
+    text = params.format_config_text(report)
+  for warning in report["warnings"]:
+    logging.warning("%s", warning)
+  sys.stdout.write(json.dumps(report, indent=2) + "\n" if _FORMAT.value == "json" else text)
+
+
+def cmd_bench(argv: list[str]) -> None:
+  del argv
+  _require(_CONFIG.value, "config")
+  import json
+
+  from jaxlm import bench, distributed
+  distributed.initialize(_CONFIG.value.distributed)
+  report = bench.bench_train(_CONFIG.value, steps=_BENCH_STEPS.value)
+  print(bench.format_report(report))
+  if _JSON_OUT.value:
+    with open(_JSON_OUT.value, "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2)
+  print(json.dumps(report))
+
+
+def cmd_launch(argv: list[str]) -> None:
+  from jaxlm import launch
+  code = launch.launch_local(argv, num_processes=_NUM_PROCESSES.value,
+                             devices_per_process=_DEVICES_PER_PROCESS.value,
+                             timeout=_TIMEOUT.value, init_timeout=_INIT_TIMEOUT.value,
+                             heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
+                             coordinator=_COORDINATOR.value,
+                             process_ids=[int(i) for i in _PROCESS_IDS.value] or None)
+  sys.exit(code)
+
+
+def cmd_sweep(argv: list[str]) -> None:
+  del argv
+  _require(_WORKDIR.value, "workdir")
+  from jaxlm import sweep
+  if _SUMMARIZE.value:
+    sweep.summarize(_WORKDIR.value)
+    return
+  _require(_CONFIG.value, "config")
+  config_flag = flags.FLAGS["config"]
+  plan = sweep.prepare(config_flags.get_config_filename(config_flag), _CONFIG.value,
+                       config_flags.get_override_values(config_flag), n_trials=_N_TRIALS.value)
+  sweep.run(plan, _WORKDIR.value, parallel=_PARALLEL.value, worker=_WORKER.value,
+            storage=_STORAGE.value)
+
+
+
+# `jaxlm tpu` flags: Cloud TPU VMs (experiments/tpu/README.md).
+_TPU_NAME = flags.DEFINE_string("tpu_name", None, "tpu: name of the TPU VM (slice).")
+_TPU_ZONE = flags.DEFINE_string("tpu_zone", None, "tpu: zone, e.g. us-central2-b.")
+_TPU_ACCELERATOR = flags.DEFINE_string("tpu_accelerator", None,
+                                       "tpu: accelerator type, e.g. v4-8, v4-32, v5litepod-16.")
+_TPU_VERSION = flags.DEFINE_string("tpu_version", "", "tpu: runtime version (default: the one "
+                                   "Google recommends for JAX on that TPU generation).")
+_TPU_SPOT = flags.DEFINE_bool("tpu_spot", False, "tpu: a Spot VM: far cheaper, preemptible.")
+_TPU_PREEMPTIBLE = flags.DEFINE_bool("tpu_preemptible", False,
+                                     "tpu: a preemptible VM (the older kind; at most 24 hours).")
+_TPU_QUEUED = flags.DEFINE_bool("tpu_queued", False, "tpu: request the slice as a queued "
+                                "resource, which waits for capacity instead of failing.")
+_TPU_REPO = flags.DEFINE_string("tpu_repo", "", "tpu: git URL the workers clone (default: "
+                                "copy this checkout's committed HEAD).")
+_TPU_JAX = flags.DEFINE_string("tpu_jax", "jax[tpu]", "tpu: pip requirement for JAX on the "
+                               "workers, e.g. 'jax[tpu]==0.6.2'.")
+_TPU_CHECK_ZONE = flags.DEFINE_bool("tpu_check_zone", True, "tpu: refuse a zone that does not "
+                                    "offer the accelerator (per jaxlm's snapshot of the docs).")
+_TPU_POLL = flags.DEFINE_float("tpu_poll", 60, "tpu watch: seconds between checks.")
+_TPU_MAX_RETRIES = flags.DEFINE_integer("tpu_max_retries", 5,
+                                        "tpu watch: relaunches before giving up.")
+_TPU_DOWN_WHEN_DONE = flags.DEFINE_bool("tpu_down_when_done", False,
+                                        "tpu watch: delete the slice once the run has finished.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of running them.")
+
+
+def cmd_tpu(argv: list[str]) -> None:
+  from jaxlm import tpu
+  tpu.main(argv[0] if argv else "", argv[1:], name=_TPU_NAME.value, zone=_TPU_ZONE.value,
+           accelerator=_TPU_ACCELERATOR.value, version=_TPU_VERSION.value,
+           spot=_TPU_SPOT.value, preemptible=_TPU_PREEMPTIBLE.value, queued=_TPU_QUEUED.value,
+           repo_url=_TPU_REPO.value, jax=_TPU_JAX.value, check_zone=_TPU_CHECK_ZONE.value,
+           poll=_TPU_POLL.value, max_retries=_TPU_MAX_RETRIES.value,
+           down_when_done=_TPU_DOWN_WHEN_DONE.value, dry_run=_DRY_RUN.value)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep,
+            "bench": cmd_bench, "params": cmd_params, "launch": cmd_launch, "tpu": cmd_tpu}
 
 
 class _QuietLibraries(py_logging.Filter):

@@ -33,6 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tie_embeddings = True  # Output head shares the token embedding matrix.
   c.model.dtype = "float32"  # Matmul compute dtype (bfloat16 on TPU); softmax/loss stay f32.
   c.model.param_dtype = "float32"
+  c.model.remat = "none"  # Activation recomputation per block: none | full | dots.
+  c.model.scan_layers = False  # nn.scan over blocks: compile time flat in depth.
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"  # adamw | lion | sgd
@@ -52,6 +54,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.eval_every = 2000  # Steps between evaluations (and at the end).
   c.train.eval_steps = 20  # Batches per evaluation, fixed across evaluations.
   c.train.log_every = 10  # Steps between log lines; metrics leave the device only then.
+  # Train steps per jitted call (a lax.scan over batches): the same math with less dispatch
+  # overhead, which matters for small models. Calls never cross a log/eval/checkpoint step.
+  c.train.steps_per_call = 1
+  # Steps between per-layer parameter norms, gradient norms and update/parameter ratios in
+  # metrics.jsonl (params/norm/h_0, grads/norm/h_0, update_ratio/h_0, ...); a multiple of
+  # log_every; 0 = off. They are reduced inside the jitted step, so they cost no extra sync.
+  c.train.log_params_every = 0
   c.train.z_loss = 0.0  # Coefficient of PaLM's z-loss; 0 = off.
   c.train.init_from = ""  # Workdir of another run whose latest params start this one.
   c.train.stop_at = 0  # Stop with a checkpoint after this step, as if preempted; 0 = off.
@@ -66,6 +75,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.fsdp = 1
   c.mesh.tensor = 1
   c.mesh.rules = "fsdp"  # Logical->mesh rule preset from jaxlm/axes.py: dp | fsdp | fsdp_tp.
+
+  c.distributed = ml_collections.ConfigDict()
+  # Multi-process runs. On a TPU VM slice leave these empty: JAX finds its peers itself.
+  # Elsewhere (CPU/GPU clusters) give every process the same address and count, and its id.
+  c.distributed.coordinator_address = ""  # host:port of process 0; "" = single process/auto.
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+  c.distributed.init_timeout = 300  # Seconds to wait for every peer to join.
+  c.distributed.heartbeat_timeout = 100  # Seconds of silence before a peer counts as dead.
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "\n"

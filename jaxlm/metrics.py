@@ -64,6 +64,50 @@ def measure_matmul_flops(device: jax.Device, dtype: str = "float32", n: int = 10
   return 2.0 * n**3 / best
 
 
+# Keys of the per-layer statistics that train_step returns when train.log_params_every > 0.
+LAYER_STAT_PREFIXES = ("params/norm", "grads/norm", "update_ratio")
+
+
+def group_sq_norms(tree: dict[str, Any], stacked: str | None = None) -> dict[str, jax.Array]:
+  """Float32 sum of squares of each top-level subtree (one per layer: h_0, ..., wte, ln_f).
+
+  The subtree named `stacked` holds layers stacked on axis 0 (nn.scan): it gives one entry per
+  layer, named `<stacked>_<i>` as an unstacked model would name them.
+  """
+  out = {}
+  for name, sub in tree.items():
+    if name == stacked:
+      per_layer = sum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
+                      for x in jax.tree.leaves(sub))
+      out.update({f"{name}_{i}": per_layer[i] for i in range(per_layer.shape[0])})
+    else:
+      out[name] = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(sub))
+  return out
+
+
+def layer_stats(params: dict[str, Any], grads: dict[str, Any], updates: dict[str, Any], *,
+                stacked: str | None = None) -> dict[str, jax.Array]:
+  """Global and per-layer parameter norm, gradient norm and ‖update‖ / ‖params‖.
+
+  Pure reductions meant for inside the jitted train step, so they cost no host sync of their
+  own. A layer is a top-level module of the params (h_0 ... h_{n-1}, wte, wpe, ln_f, lm_head),
+  or one slice of the `stacked` subtree (see group_sq_norms).
+  Keys: params/norm[/<layer>], grads/norm[/<layer>], update_ratio[/<layer>].
+  """
+  sq = {"params": group_sq_norms(params, stacked), "grads": group_sq_norms(grads, stacked),
+        "updates": group_sq_norms(updates, stacked)}
+  sq_total = {kind: sum(by_layer.values()) for kind, by_layer in sq.items()}
+  out = {}
+  for suffix, parts in [("", sq_total)] + [(f"/{name}", {kind: sq[kind][name] for kind in sq})
+                                           for name in sq["params"]]:
+    p_norm, u_norm = jnp.sqrt(parts["params"]), jnp.sqrt(parts["updates"])
+    out[f"params/norm{suffix}"] = p_norm
+    out[f"grads/norm{suffix}"] = jnp.sqrt(parts["grads"])
+    # The floor only matters for an all-zero layer, which GPT init never produces.
+    out[f"update_ratio{suffix}"] = u_norm / jnp.maximum(p_norm, jnp.finfo(jnp.float32).tiny)
+  return out
+
+
 def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"

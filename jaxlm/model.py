@@ -28,6 +28,14 @@ from jaxlm.errors import JaxlmError
 
 PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# What the backward pass may keep from the forward pass of a block (the rest is recomputed):
+# "full" keeps only the block's input, "dots" also keeps matmul outputs (cheap to store, the
+# costly part to recompute).
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +53,8 @@ class ModelConfig:
   tie_embeddings: bool = True
   dtype: str = "float32"  # compute dtype of matmuls; softmax, logits and loss always run in f32.
   param_dtype: str = "float32"
+  remat: str = "none"  # Recompute activations in the backward pass: none | full | dots.
+  scan_layers: bool = False  # One scanned block (params stacked on a `layers` axis).
 
   def __post_init__(self):
     def fail(msg):
@@ -65,6 +75,8 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         fail(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
+    if self.remat not in REMAT_POLICIES:
+      fail(f"model.remat={self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
 
   @property
   def head_dim(self) -> int:
@@ -91,12 +103,17 @@ class LayerCache:
   v_BxGxSxK: jax.Array
 
 
-Cache = tuple[LayerCache, ...]  # One LayerCache per block, h_0 first.
+# One LayerCache per block (h_0 first); with scan_layers, one LayerCache whose arrays carry a
+# leading layers axis (NxBxGxSxK), the way nn.scan slices it.
+Cache = tuple[LayerCache, ...] | LayerCache
 
 
 def init_cache(cfg: ModelConfig, batch_size: int) -> Cache:
   """An empty (all-zero) cache in the compute dtype; nothing in it is visible until written."""
   shape = (batch_size, cfg.kv_heads, cfg.block_size, cfg.head_dim)
+  if cfg.scan_layers:
+    zeros_N = lambda: jnp.zeros((cfg.n_layer, *shape), DTYPES[cfg.dtype])
+    return LayerCache(k_BxGxSxK=zeros_N(), v_BxGxSxK=zeros_N())
   zeros = lambda: jnp.zeros(shape, DTYPES[cfg.dtype])
   return tuple(LayerCache(k_BxGxSxK=zeros(), v_BxGxSxK=zeros()) for _ in range(cfg.n_layer))
 
@@ -204,19 +221,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+
+  Returns (x, cache): the (carry, per-layer output) signature that `nn.scan` expects, with the
+  updated LayerCache when decoding and None otherwise.
+  """
   cfg: ModelConfig
+  train: bool = False
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, *, train: bool, positions_BxL: jax.Array | None = None,
-               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
+  def __call__(self, x_BxLxD: jax.Array, cache: LayerCache | None = None,
+               positions_BxL: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
     cfg, dtype = self.cfg, x_BxLxD.dtype
     h_BxLxD = layer_norm(cfg, "ln_1")(x_BxLxD).astype(dtype)
     attn_BxLxD, cache = CausalSelfAttention(cfg, name="attn")(
-        h_BxLxD, train=train, positions_BxL=positions_BxL, cache=cache)
+        h_BxLxD, train=self.train, positions_BxL=positions_BxL, cache=cache)
     x_BxLxD = x_BxLxD + attn_BxLxD
     h_BxLxD = layer_norm(cfg, "ln_2")(x_BxLxD).astype(dtype)
-    return x_BxLxD + MLP(cfg, name="mlp")(h_BxLxD, train=train), cache
+    x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h_BxLxD, train=self.train)
+    return x_BxLxD, cache
 
 
 class GPT(nn.Module):
@@ -253,12 +276,23 @@ class GPT(nn.Module):
       x_BxLxD = wte(tokens_BxL) + wpe(positions_BxL)
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=not train)
     x_BxLxD = x_BxLxD.astype(DTYPES[cfg.dtype])
-    new_cache = []
-    for i in range(cfg.n_layer):
-      x_BxLxD, layer_cache = Block(cfg, name=f"h_{i}")(
-          x_BxLxD, train=train, positions_BxL=positions_BxL,
-          cache=None if cache is None else cache[i])
-      new_cache.append(layer_cache)
+    block = Block
+    if cfg.remat != "none":
+      block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      # One traced block whatever the depth, so compile time stays flat in n_layer. Params
+      # gain a leading `layers` axis: h/attn/query/kernel is [N, D, H, K]; so does the cache.
+      stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
+                      "dropout": True}, in_axes=(0, nn.broadcast), length=cfg.n_layer,
+                      metadata_params={nn.PARTITION_NAME: axes.LAYERS})
+      x_BxLxD, cache = stack(cfg, train=train, name="h")(x_BxLxD, cache, positions_BxL)
+    else:
+      layer_caches = []
+      for i in range(cfg.n_layer):
+        x_BxLxD, layer_cache = block(cfg, train=train, name=f"h_{i}")(
+            x_BxLxD, None if cache is None else cache[i], positions_BxL)
+        layer_caches.append(layer_cache)
+      cache = None if cache is None else tuple(layer_caches)
     x_BxLxD = layer_norm(cfg, "ln_f")(x_BxLxD)
     if cfg.tie_embeddings:
       # Weight tying (Press & Wolf, 2017): the output head reuses the token embedding.
@@ -268,7 +302,7 @@ class GPT(nn.Module):
                               param_dtype=DTYPES[cfg.param_dtype],
                               kernel_init=_init(INIT_STD, (axes.EMBED, axes.VOCAB)),
                               name="lm_head")(x_BxLxD)
-    return logits_BxLxV if cache is None else (logits_BxLxV, tuple(new_cache))
+    return logits_BxLxV if cache is None else (logits_BxLxV, cache)
 
 
 def make_model(cfg: ModelConfig) -> GPT:

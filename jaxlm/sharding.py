@@ -8,6 +8,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import axes
@@ -56,9 +57,30 @@ def get_rules(name: str) -> Rules:
 
 
 def logical_shardings(boxed_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
-  """NamedShardings for a tree of flax `Partitioned` boxes (abstract or concrete)."""
+  """NamedShardings for a tree of flax `Partitioned` boxes (abstract or concrete).
+
+  A dimension that the mesh axes would not split evenly (say a 65-symbol vocab over 4
+  tensor-parallel devices) is replicated instead, with one warning naming what was affected.
+  """
   specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  replicated_dims = []
+
+  def fit(path, value, named: NamedSharding) -> NamedSharding:
+    spec = list(named.spec) + [None] * (len(value.shape) - len(named.spec))
+    for i, axis in enumerate(spec):
+      names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
+      size = int(np.prod([mesh.shape[n] for n in names]))
+      if size > 1 and value.shape[i] % size:
+        replicated_dims.append(f"{jax.tree_util.keystr(path)}[{i}]={value.shape[i]}")
+        spec[i] = None
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+  fitted = jax.tree_util.tree_map_with_path(fit, nn.unbox(boxed_tree), shardings)
+  if replicated_dims:
+    logging.warning("replicating %d dimension(s) that the mesh %s does not divide evenly, e.g. %s",
+                    len(replicated_dims), dict(mesh.shape), ", ".join(replicated_dims[:3]))
+  return fitted
 
 
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:

@@ -54,19 +54,23 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.M
       vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
       n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=m.d_ff,
       dropout=m.dropout, bias=m.bias, tie_embeddings=m.tie_embeddings, dtype=m.dtype,
-      param_dtype=m.param_dtype)
+      param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises JaxlmError naming the first impossible value; cheap, no data or devices touched."""
   model_config(cfg, vocab_size=1)  # Shape checks (divisibility, ranges) with a stand-in vocab.
   t = cfg.train
-  for key in ("batch_size", "grad_accum", "log_every", "eval_steps"):
+  for key in ("batch_size", "grad_accum", "log_every", "eval_steps", "steps_per_call"):
     if t[key] < 1:
       raise JaxlmError(f"train.{key} must be >= 1, got {t[key]}")
   for key in ("steps", "eval_every"):
     if t[key] < 0:
       raise JaxlmError(f"train.{key} must be >= 0, got {t[key]}")
+  if t.log_params_every < 0 or (t.log_params_every and t.log_params_every % t.log_every):
+    raise JaxlmError(f"train.log_params_every={t.log_params_every} must be 0 (off) or a "
+                     f"multiple of train.log_every={t.log_every}: the stats leave the device "
+                     "only on log steps")
   if t.batch_size % t.grad_accum:
     raise JaxlmError(f"train.batch_size={t.batch_size} is not divisible by "
                      f"train.grad_accum={t.grad_accum}")
@@ -187,8 +191,13 @@ def loss_fn(params: PyTree, batch: dict[str, jax.Array], rng: jax.Array, *,
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Array, *,
                model: model_lib.GPT, tx: optax.GradientTransformation, grad_accum: int = 1,
-               z_loss: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
-  """forward -> loss -> grads (averaged over `grad_accum` microbatches) -> optax update."""
+               z_loss: float = 0.0,
+               layer_stats: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+  """forward -> loss -> grads (averaged over `grad_accum` microbatches) -> optax update.
+
+  With `layer_stats`, the metrics also hold metrics.layer_stats of the new params, the
+  (unclipped) grads and the updates.
+  """
   # Dropout randomness is a function of the step: nothing random is carried in the state.
   rng = jax.random.fold_in(base_rng, state.step)
   grad_fn = jax.value_and_grad(functools.partial(loss_fn, model=model, z_loss=z_loss),
@@ -216,8 +225,70 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                     "param_norm": optax.tree.norm(params)}
+  step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+                  "param_norm": optax.tree.norm(params)}
+  if layer_stats:
+    # Under scan_layers the blocks are one stacked subtree, "h"; report them per layer anyway.
+    stacked = "h" if model.cfg.scan_layers else None
+    step_metrics.update(metrics.layer_stats(params, grads, updates, stacked=stacked))
+  return new_state, step_metrics
+
+
+def train_steps(state: TrainState, batches: dict[str, jax.Array], base_rng: jax.Array,
+                **kwargs: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+  """`train_step` over a leading axis of K batches in one call (lax.scan); metrics get [K].
+
+  The math is the same as K separate calls; it only saves the per-call dispatch overhead,
+  which dominates small models on a CPU.
+  """
+  def body(state, batch):
+    return train_step(state, batch, base_rng, **kwargs)
+  return jax.lax.scan(body, state, batches)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedTraining:
+  """The jitted, sharded entry points of training for one (model, optimizer, mesh, rules)."""
+  abstract_state: TrainState  # ShapeDtypeStructs carrying shardings: the restore target.
+  state_shardings: TrainState
+  batch_sharding: jax.sharding.NamedSharding
+  init: Any  # rng -> TrainState, created already sharded.
+  step: Any  # (state, batch, rng) -> (state, metrics); donates `state`.
+  steps: Any  # (state, K stacked batches, rng) -> (state, metrics of shape [K]); donates `state`.
+  stacked_batch_sharding: jax.sharding.NamedSharding
+  eval: Any  # (params, batch) -> {"loss_sum", "tokens"}.
+
+
+def make_sharded_training(model: model_lib.GPT, tx: optax.GradientTransformation,
+                          mesh: jax.sharding.Mesh, rules: sharding.Rules, *,
+                          grad_accum: int = 1, z_loss: float = 0.0,
+                          layer_stats: bool = False) -> ShardedTraining:
+  """eval_shape -> logical specs -> NamedShardings -> jit with explicit shardings and donation."""
+  init_fn = functools.partial(init_boxed_state, model=model, tx=tx)
+  abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
+  state_shardings = sharding.logical_shardings(abstract_boxed, mesh, rules)
+  batch_sharding = sharding.batch_sharding(mesh, rules)
+  stacked_sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(None, *batch_sharding.spec))
+  replicated = sharding.replicated(mesh)
+  step_kwargs = dict(model=model, tx=tx, grad_accum=grad_accum, z_loss=z_loss,
+                     layer_stats=layer_stats)
+  return ShardedTraining(
+      abstract_state=with_shardings(nn.unbox(abstract_boxed), state_shardings),
+      state_shardings=state_shardings,
+      batch_sharding=batch_sharding,
+      # Parameters are created already sharded: no device ever holds a full copy first.
+      init=jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=state_shardings),
+      step=jax.jit(functools.partial(train_step, **step_kwargs),
+                   in_shardings=(state_shardings, batch_sharding, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
+      steps=jax.jit(functools.partial(train_steps, **step_kwargs),
+                    in_shardings=(state_shardings, stacked_sharding, replicated),
+                    out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
+      stacked_batch_sharding=stacked_sharding,
+      eval=jax.jit(functools.partial(evaluate.eval_step, model=model),
+                   in_shardings=(state_shardings.params, batch_sharding),
+                   out_shardings=replicated))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,12 +321,23 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         f"grad_accum {cfg.train.grad_accum})")
   batch_sharding = sharding.batch_sharding(mesh, rules)
   n_proc, proc = jax.process_count(), jax.process_index()
+  logging.info("process %d of %d: %d of %d devices; mesh %s", proc, n_proc,
+               jax.local_device_count(), jax.device_count(), dict(mesh.shape))
 
-  def batch_at(tokens, step, stream):
-    host_batch = data_lib.get_batch(
+  def host_batch_at(tokens, step, stream):
+    return data_lib.get_batch(
         tokens, seed=cfg.seed, step=step, batch_size=cfg.train.batch_size,
         block_size=mcfg.block_size, stream=stream, process_index=proc, process_count=n_proc)
-    return sharding.host_to_global(host_batch, batch_sharding)
+
+  def batch_at(tokens, step, stream):
+    return sharding.host_to_global(host_batch_at(tokens, step, stream), batch_sharding)
+
+  def chunk_at(step, k):
+    """The training batches of steps step .. step + k - 1, stacked on a leading axis."""
+    batches = [host_batch_at(dataset.train, s, data_lib.TRAIN_STREAM)
+               for s in range(step, step + k)]
+    stacked = {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+    return sharding.host_to_global(stacked, fns.stacked_batch_sharding)
 
   # --- Model, optimizer and the abstract (sharded) state ----------------------------------------
   model = model_lib.make_model(mcfg)
@@ -263,10 +345,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   tx = optim.make_optimizer(cfg.optim, total_steps)
   schedule = optim.make_schedule(cfg.optim, total_steps)
   init_rng, dropout_rng = init_rngs(cfg.seed)
-  init_fn = functools.partial(init_boxed_state, model=model, tx=tx)
-  abstract_state = jax.eval_shape(init_fn, init_rng)
-  state_shardings = sharding.logical_shardings(abstract_state, mesh, rules)
-  restore_target = with_shardings(nn.unbox(abstract_state), state_shardings)
+  fns = make_sharded_training(model, tx, mesh, rules, grad_accum=cfg.train.grad_accum,
+                              z_loss=cfg.train.z_loss,
+                              layer_stats=cfg.train.log_params_every > 0)
+  restore_target, state_shardings = fns.abstract_state, fns.state_shardings
 
   # --- Checkpoints: resume, or start fresh (optionally from another run's weights) --------------
   check_resumable(workdir, resolved)  # Before anything in the workdir is written.
@@ -288,22 +370,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
     logging.info("resumed from checkpoint at step %d (%.2fs)", latest,
                  time.perf_counter() - t0)
   else:
-    # Parameters are created already sharded: no device ever holds a full copy first.
-    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=state_shardings)(init_rng)
+    state = fns.init(init_rng)
     if cfg.train.init_from:
       params = load_params(cfg.train.init_from, restore_target.params)
       state = state.replace(params=params)
       logging.info("initialised params from %s", cfg.train.init_from)
 
-  step_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, grad_accum=cfg.train.grad_accum,
-                        z_loss=cfg.train.z_loss),
-      in_shardings=(state_shardings, batch_sharding, sharding.replicated(mesh)),
-      out_shardings=(state_shardings, sharding.replicated(mesh)),
-      donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(evaluate.eval_step, model=model),
-                    in_shardings=(state_shardings.params, batch_sharding),
-                    out_shardings=sharding.replicated(mesh))
+  step_fn, eval_fn = fns.step, fns.eval
   sampler = sample.make_sampler(model, sample.SampleSettings.from_config(
       cfg.sample, dataset.tokenizer.vocab_size))
   sample.encode_prompts(dataset.tokenizer, [cfg.sample.prompt])  # A bad prompt fails now.
@@ -329,10 +402,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   # --- Compile ahead of time, so errors and compile time show before the loop -----------------
   step = int(state.step)
+  per_call = cfg.train.steps_per_call
   t0 = time.perf_counter()
-  next_batch = batch_at(dataset.train, step, data_lib.TRAIN_STREAM)
-  step_fn = step_fn.lower(state, next_batch, dropout_rng).compile()
-  logging.info("compiled train step in %.2fs", time.perf_counter() - t0)
+  step_fn = step_fn.lower(state, batch_at(dataset.train, step, data_lib.TRAIN_STREAM),
+                          dropout_rng).compile()
+  if per_call > 1:
+    steps_fn = fns.steps.lower(state, chunk_at(step, per_call), dropout_rng).compile()
+  logging.info("compiled train step%s in %.2fs",
+               f" (and {per_call} steps per call)" if per_call > 1 else "",
+               time.perf_counter() - t0)
 
   eval_batches = {
       name: [batch_at(tokens, i, stream) for i in range(cfg.train.eval_steps)]
@@ -378,6 +456,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                  time.perf_counter() - t0)
 
   # --- Loop -------------------------------------------------------------------------------------
+  def next_boundary(step: int) -> int:
+    """The next step at which the loop must stop to log, evaluate, save or finish."""
+    t = cfg.train
+    periods = [p for p in (t.log_every, t.eval_every, cfg.checkpoint.every, t.log_params_every)
+               if p > 0]
+    candidates = [(step // p + 1) * p for p in periods] + [total_steps]
+    if t.stop_at > step:
+      candidates.append(t.stop_at)
+    return min(candidates)
+
   final = run_eval(step) if cfg.train.eval_every and step == 0 else {}
   stop = StopRequest()
   pending: list[dict[str, jax.Array]] = []
@@ -386,14 +474,19 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   stopped_early = False
   try:
     while step < total_steps:
-      batch = next_batch if next_batch is not None else batch_at(
-          dataset.train, step, data_lib.TRAIN_STREAM)
-      state, step_metrics = step_fn(state, batch, dropout_rng)
+      # Dispatch is asynchronous: the host builds the next batches while the device computes.
+      if per_call > 1 and next_boundary(step) - step >= per_call:
+        state, step_metrics = steps_fn(state, chunk_at(step, per_call), dropout_rng)
+        step += per_call
+      else:
+        state, step_metrics = step_fn(
+            state, batch_at(dataset.train, step, data_lib.TRAIN_STREAM), dropout_rng)
+        step_metrics = jax.tree.map(lambda x: x[None], step_metrics)  # Same [K] layout.
+        step += 1
+      # Per-layer stats stay on the device; only a log_params_every step fetches them.
+      layer_stats = {k: step_metrics.pop(k) for k in list(step_metrics)
+                     if k.startswith(metrics.LAYER_STAT_PREFIXES)}
       pending.append(step_metrics)
-      step += 1
-      # Prepare the next batch while the device works on this step.
-      next_batch = (batch_at(dataset.train, step, data_lib.TRAIN_STREAM)
-                    if step < total_steps else None)
       done = step == total_steps
       stopping = stop.should_stop(step) or step == cfg.train.stop_at
       if step % cfg.train.log_every == 0 or done or stopping:
@@ -402,18 +495,21 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         now = time.perf_counter()
         sec_per_step = (now - t_log) / (step - step_log)
         t_log, step_log = now, step
-        loss = float(np.mean([m["loss"] for m in fetched]))
+        loss = float(np.mean(np.concatenate([m["loss"] for m in fetched])))
         if not math.isfinite(loss):
           raise JaxlmError(f"training diverged: loss is {loss} at step {step}; try a lower "
                            "optim.lr or a smaller optim.grad_clip")
         tokens_per_sec = tokens_per_step / sec_per_step
         mfu = flops_per_token * tokens_per_sec / peak_flops
         lr = float(schedule(step - 1))
+        log_params = cfg.train.log_params_every and step % cfg.train.log_params_every == 0
+        layer_record = ({k: v[-1] for k, v in jax.device_get(layer_stats).items()}
+                        if log_params else {})
         writer.write(step, {"train/loss": loss, "lr": lr,
-                            "grad_norm": float(fetched[-1]["grad_norm"]),
-                            "param_norm": float(fetched[-1]["param_norm"]),
+                            "grad_norm": float(fetched[-1]["grad_norm"][-1]),
+                            "param_norm": float(fetched[-1]["param_norm"][-1]),
                             "tokens_per_sec": tokens_per_sec,
-                            "ms_per_step": 1e3 * sec_per_step, "mfu": mfu})
+                            "ms_per_step": 1e3 * sec_per_step, "mfu": mfu, **layer_record})
         logging.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s | %.1f ms/step | MFU %.1f%% "
                      "| ETA %s", step, total_steps, loss, lr, f"{tokens_per_sec:,.0f}",
                      1e3 * sec_per_step, 100 * mfu,

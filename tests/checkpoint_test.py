@@ -212,7 +212,8 @@ def test_bad_checkpoint_inputs_are_one_line_errors_and_change_nothing(tmp_path):
   # Fine-tuning from a run of another shape: name the parameter and both shapes.
   proc = run_jaxlm("train", "--config", SMOKE, "--workdir", str(tmp_path / "ft"),
                    "--config.model.d_model=64", f"--config.train.init_from={workdir}")
-  assert_one_line_error(proc, "another shape", "h_0/attn/key_value/bias is (2, 4, 8) there but (2, 4, 16) here")
+  assert_one_line_error(proc, "another shape",
+                        "h_0/attn/key_value/bias is (2, 4, 8) there but (2, 4, 16) here")
 
   # A step that does not exist: list the ones that do.
   proc = run_jaxlm("eval", "--workdir", workdir, "--step", "3")

@@ -41,9 +41,12 @@ def full_forward(model, params, tokens_BxL):
 # The KV cache.
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n_kv_head", [0, 2, 1])  # Multi-head, grouped-query, multi-query.
-def test_cached_logits_equal_full_forward_for_right_padded_rows(n_kv_head):
-  model, params = make(n_kv_head=n_kv_head)
+@pytest.mark.parametrize("overrides", [
+    dict(n_kv_head=0), dict(n_kv_head=2), dict(n_kv_head=1),  # Multi-head, GQA, multi-query.
+    dict(n_kv_head=2, scan_layers=True, remat="dots"),  # One scanned block, stacked cache.
+])
+def test_cached_logits_equal_full_forward_for_right_padded_rows(overrides):
+  model, params = make(**overrides)
   B, L, V = 3, 16, 64
   tokens_BxL = np.random.default_rng(0).integers(0, V, size=(B, L)).astype(np.int32)
   full_BxLxV = full_forward(model, params, tokens_BxL)

@@ -1,0 +1,33 @@
+"""`jaxlm bench`: the report's fields exist and agree with each other."""
+
+import json
+import math
+import os
+
+from conftest import CONFIGS, run_jaxlm
+
+from jaxlm import metrics
+
+
+def test_bench_smoke_config_reports_consistent_numbers(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = run_jaxlm("bench", "--config", os.path.join(CONFIGS, "smoke.py"), "--steps", "5",
+                   "--json_out", str(out))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == r  # Same JSON on stdout.
+  for key in ("compile_s", "step_ms_median", "step_ms_p10", "step_ms_p90", "tokens_per_sec",
+              "flops_per_token", "achieved_tflops", "peak_tflops", "mfu", "peak_memory_bytes"):
+    assert isinstance(r[key], (int, float)) and r[key] > 0, key
+  assert r["step_ms_p10"] <= r["step_ms_median"] <= r["step_ms_p90"]
+  assert r["tokens_per_step"] == 8 * 16
+  assert math.isclose(r["tokens_per_sec"], r["tokens_per_step"] / (r["step_ms_median"] / 1e3),
+                      rel_tol=1e-9)
+  achieved = r["flops_per_token"] * r["tokens_per_sec"] / 1e12
+  assert math.isclose(r["achieved_tflops"], achieved, rel_tol=1e-9)
+  assert math.isclose(r["mfu"], r["achieved_tflops"] / r["peak_tflops"], rel_tol=1e-9)
+  assert 0 < r["mfu"] <= 1
+  # FLOPs/token use the same formula as the training log and the parameter report.
+  n_matmul = r["params"] - 16 * 32  # All but the position embeddings (block 16 x d_model 32).
+  assert r["flops_per_token"] == metrics.flops_per_token(n_matmul, 2, 32, 16)
+  assert "MFU" in proc.stdout and "tokens/s" in proc.stdout
