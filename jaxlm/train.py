@@ -341,6 +341,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   # --- Model, optimizer and the abstract (sharded) state ----------------------------------------
   model = model_lib.make_model(mcfg)
+  # Sampling settings and prompt for samples.txt: bad ones fail here, before anything compiles.
+  sampler = sample.make_sampler(model, sample.SampleSettings.from_config(
+      cfg.sample, dataset.tokenizer.vocab_size))
+  sample.encode_prompts(dataset.tokenizer, [cfg.sample.prompt])
   total_steps = cfg.train.steps
   tx = optim.make_optimizer(cfg.optim, total_steps)
   schedule = optim.make_schedule(cfg.optim, total_steps)
@@ -377,9 +381,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       logging.info("initialised params from %s", cfg.train.init_from)
 
   step_fn, eval_fn = fns.step, fns.eval
-  sampler = sample.make_sampler(model, sample.SampleSettings.from_config(
-      cfg.sample, dataset.tokenizer.vocab_size))
-  sample.encode_prompts(dataset.tokenizer, [cfg.sample.prompt])  # A bad prompt fails now.
 
   n_params = count_params(state.params)
   tokens_per_step = cfg.train.batch_size * mcfg.block_size

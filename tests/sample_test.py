@@ -373,6 +373,20 @@ def trained(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("top_p", 0.0, "top_p must be in (0, 1]"),
+    ("prompt", "ROMEO: ☃", "'☃'"),
+])
+def test_training_with_bad_sample_settings_fails_before_writing_anything(tmp_path, key, value,
+                                                                         message):
+  cfg = load_config("smoke")
+  cfg.sample[key] = value
+  workdir = tmp_path / "run"
+  with pytest.raises(JaxlmError, match=re.escape(message)):
+    train.train_and_evaluate(cfg, str(workdir))
+  assert not (workdir / "config.json").exists()
+
+
 @pytest.mark.slow
 def test_training_appends_a_sample_at_each_evaluation_and_the_end(trained):
   with open(os.path.join(trained, "samples.txt"), encoding="utf-8") as f:
