@@ -314,6 +314,7 @@ class Sampler:
 
 
 def make_sampler(model: model_lib.GPT, settings: SampleSettings) -> Sampler:
+  """Validates `settings` (JaxlmError) and jits prefill and decode for them: the jit boundary."""
   validate_settings(settings, model.cfg)
   return Sampler(
       settings=settings,
