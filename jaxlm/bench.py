@@ -45,32 +45,43 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20,
   model = model_lib.make_model(mcfg)
   tx = optim.make_optimizer(cfg.optim, max(cfg.train.steps, 1))
   fns = train.make_sharded_training(model, tx, mesh, rules, grad_accum=cfg.train.grad_accum,
-                                    z_loss=cfg.train.z_loss)
+                                    z_loss=cfg.train.z_loss,
+                                    layer_stats=cfg.train.log_params_every > 0)
   state = fns.init(jax.random.key(cfg.seed))
   n_proc = jax.process_count()
   tokens = np.random.default_rng(0).integers(0, mcfg.vocab_size, size=(
       cfg.train.batch_size // n_proc, mcfg.block_size + 1)).astype(np.int32)
-  batch = sharding.host_to_global({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                                  fns.batch_sharding)
+  host_batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  # With train.steps_per_call = K, one call runs K steps (as the training loop does); times
+  # below are per step, i.e. per call / K.
+  per_call = cfg.train.steps_per_call
+  if per_call > 1:
+    stacked = {k: np.stack([v] * per_call) for k, v in host_batch.items()}
+    batch = sharding.host_to_global(stacked, fns.stacked_batch_sharding)
+    fn = fns.steps
+  else:
+    batch = sharding.host_to_global(host_batch, fns.batch_sharding)
+    fn = fns.step
   rng = jax.random.key(1)
 
   t0 = time.perf_counter()
-  step_fn = fns.step.lower(state, batch, rng).compile()
+  step_fn = fn.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
 
+  calls = max(1, steps // per_call)
   times = []
-  for i in range(warmup + steps):
+  for i in range(warmup + calls):
     t0 = time.perf_counter()
     state, m = step_fn(state, batch, rng)
     jax.block_until_ready(m)
     if i >= warmup:
-      times.append(time.perf_counter() - t0)
+      times.append((time.perf_counter() - t0) / per_call)
   # Pipelined throughput: the loop as training runs it, one sync at the end.
   t0 = time.perf_counter()
-  for _ in range(steps):
+  for _ in range(calls):
     state, m = step_fn(state, batch, rng)
   jax.block_until_ready(m)
-  pipelined = (time.perf_counter() - t0) / steps
+  pipelined = (time.perf_counter() - t0) / (calls * per_call)
 
   n_matmul = train.matmul_params(jax.eval_shape(lambda: state.params))
   flops_per_token = metrics.flops_per_token(n_matmul, mcfg.n_layer, mcfg.d_model,
@@ -86,6 +97,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20,
       "mesh": dict(mesh.shape),
       "params": train.count_params(state.params),
       "tokens_per_step": tokens_per_step,
+      "steps_per_call": per_call,
       "compile_s": compile_s,
       "step_ms_median": 1e3 * median,
       "step_ms_p10": 1e3 * float(np.percentile(times, 10)),
