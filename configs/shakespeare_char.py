@@ -2,8 +2,8 @@
 
   jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
 
-Expected on a 2-core CPU: val loss ~1.87 after 2000 steps in about 85 s (nanoGPT reports ~1.88
-for the same recipe); 0.82M parameters.
+Expected on a 2-core CPU: val loss 1.875 after 2000 steps, about 95 s wall with compile and
+evals (nanoGPT reports ~1.88 for the same recipe); 0.82M parameters, ~20k tokens/s.
 """
 
 from jaxlm import defaults
