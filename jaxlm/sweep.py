@@ -40,6 +40,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
 Trial = dict[str, Any]  # Dotted config key -> value, e.g. {"optim.lr": 3e-4, "model.n_layer": 6}.
@@ -740,7 +741,7 @@ def run(sweep: Sweep, workdir: str, *, parallel: int = 1, worker: bool = False,
   if worker or storage:
     raise JaxlmError("--worker and --storage are for adaptive searches (get_search_space()); "
                      "this sweep file lists its trials")
-  _make_workdir(workdir)
+  workdir_lib.prepare(workdir)
   _write_sweep_json(sweep, workdir)
   progress = Progress(total=len(sweep.trials))
   queue = []
@@ -783,15 +784,6 @@ def run(sweep: Sweep, workdir: str, *, parallel: int = 1, worker: bool = False,
 
   interrupted = run_pool(parallel, next_trial, on_finish, progress)
   return _conclude(workdir, interrupted, progress)
-
-
-def _make_workdir(workdir: str) -> None:
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise JaxlmError(f"workdir {workdir!r} exists and is not a directory")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise JaxlmError(f"cannot create workdir {workdir!r}: {e.strerror}") from None
 
 
 def _write_sweep_json(sweep: Sweep, workdir: str) -> None:
@@ -895,7 +887,7 @@ def run_search(sweep: Sweep, workdir: str, *, parallel: int = 1, worker: bool = 
   pruner; a pruned trial gets SIGTERM (it saves a checkpoint and exits).
   """
   optuna = import_optuna()
-  _make_workdir(workdir)
+  workdir_lib.prepare(workdir)
   study, lock = open_study(sweep, workdir, storage, worker)
   _write_sweep_json(sweep, workdir)
   progress = Progress(total=sweep.n_trials)

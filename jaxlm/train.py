@@ -25,6 +25,7 @@ from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate, losses, metrics, optim, sample, sharding, tokenizers
 from jaxlm import model as model_lib
+from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
 PyTree = Any
@@ -83,15 +84,6 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.optim.lr < 0 or cfg.optim.min_lr < 0 or cfg.optim.warmup_steps < 0:
     raise JaxlmError("optim.lr, optim.min_lr and optim.warmup_steps must be >= 0")
   sharding.get_rules(cfg.mesh.rules)
-
-
-def prepare_workdir(workdir: str) -> None:
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
-    raise JaxlmError(f"workdir {workdir!r} exists and is not a directory")
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise JaxlmError(f"cannot create workdir {workdir!r}: {e.strerror}") from None
 
 
 def count_params(params: PyTree) -> int:
@@ -299,7 +291,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
   t_start = time.perf_counter()
   validate_config(cfg)
-  prepare_workdir(workdir)
+  workdir_lib.prepare(workdir)
   is_main = jax.process_index() == 0
 
   # --- Data -----------------------------------------------------------------------------------
