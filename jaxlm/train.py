@@ -397,12 +397,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   step = int(state.step)
   per_call = cfg.train.steps_per_call
   t0 = time.perf_counter()
-  step_fn = step_fn.lower(state, batch_at(dataset.train, step, data_lib.TRAIN_STREAM),
-                          dropout_rng).compile()
+  steps_fn = fns.steps
   if per_call > 1:
-    steps_fn = fns.steps.lower(state, chunk_at(step, per_call), dropout_rng).compile()
+    # The single-step function is then only needed between boundaries that K does not
+    # divide; it compiles on first use, if ever.
+    steps_fn = steps_fn.lower(state, chunk_at(step, per_call), dropout_rng).compile()
+  else:
+    step_fn = step_fn.lower(state, batch_at(dataset.train, step, data_lib.TRAIN_STREAM),
+                            dropout_rng).compile()
   logging.info("compiled train step%s in %.2fs",
-               f" (and {per_call} steps per call)" if per_call > 1 else "",
+               f" ({per_call} steps per call)" if per_call > 1 else "",
                time.perf_counter() - t0)
 
   eval_batches = {
