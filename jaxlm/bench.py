@@ -89,7 +89,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20,
   tokens_per_step = cfg.train.batch_size * mcfg.block_size
   median = statistics.median(times)
   achieved = flops_per_token * tokens_per_step / median
-  peak = metrics.peak_flops_per_device(jax.devices()[0], mcfg.dtype) * jax.device_count()
+  peak = metrics.peak_flops_total(mcfg.dtype)
   mem, mem_source = peak_memory_bytes()
   device = jax.devices()[0]
   return {

@@ -50,6 +50,19 @@ def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "float3
   return _measured_peak[key]
 
 
+def peak_flops_total(dtype: str = "float32") -> float:
+  """Peak FLOP/s of every device in the run, the denominator of MFU.
+
+  CPU "devices" of one process share that host's cores (with
+  --xla_force_host_platform_device_count they are the same cores several times over), so a
+  CPU run counts one measured peak per process, not per device.
+  """
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return peak_flops_per_device(device, dtype) * jax.process_count()
+  return peak_flops_per_device(device, dtype) * jax.device_count()
+
+
 def measure_matmul_flops(device: jax.Device, dtype: str = "float32", n: int = 1024,
                          reps: int = 8) -> float:
   """Best-of-`reps` FLOP/s of an n×n×n matmul on `device`: the attainable peak there."""

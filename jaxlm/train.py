@@ -378,7 +378,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   tokens_per_step = cfg.train.batch_size * mcfg.block_size
   flops_per_token = metrics.flops_per_token(matmul_params(state.params), mcfg.n_layer,
                                             mcfg.d_model, mcfg.block_size)
-  peak_flops = metrics.peak_flops_per_device(jax.devices()[0], mcfg.dtype) * jax.device_count()
+  peak_flops = metrics.peak_flops_total(mcfg.dtype)
   logging.info("config:\n%s", cfg)
   logging.info("data: %s | tokenizer %s, vocab %d | train %s tokens, val %s tokens",
                dataset.source, dataset.tokenizer.kind, dataset.tokenizer.vocab_size,
