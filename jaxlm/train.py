@@ -28,7 +28,15 @@ from jaxlm import model as model_lib
 from jaxlm.errors import JaxlmError
 
 PyTree = Any
-FAMILIES = ("gpt2",)
+# What model.family fills in for each architecture key left at its "" / None / 0 default.
+FAMILY_PRESETS = {
+    "gpt2": dict(norm="layernorm", position="learned", mlp="gelu", bias=True,
+                 tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-5),
+    "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False,
+                  tie_embeddings=False, rope_theta=10000.0, norm_eps=1e-5),
+}
+FAMILIES = tuple(FAMILY_PRESETS)
+PRESET_KEYS = tuple(FAMILY_PRESETS["gpt2"])
 
 
 @flax.struct.dataclass
@@ -43,18 +51,39 @@ class TrainState:
 # Config -> validated pieces. Everything here runs before any compilation.
 # ---------------------------------------------------------------------------------------------
 
-def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
-  m = cfg.model
+def llama_ff_dim(d_model: int, multiple_of: int = 256) -> int:
+  """LLaMA's MLP width: 2/3 of 4 * d_model (SwiGLU has three matrices, not two), rounded up."""
+  hidden = int(2 * 4 * d_model / 3)
+  return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def resolved_architecture(m: ml_collections.ConfigDict) -> dict[str, Any]:
+  """model.norm/position/mlp/bias/... with the family preset filled in where left unset.
+
+  Configs saved before these keys existed lack them; they read as unset, i.e. the preset.
+  """
   if m.family not in FAMILIES:
     raise JaxlmError(f"unknown model.family={m.family!r}: expected one of {', '.join(FAMILIES)}")
+  preset = FAMILY_PRESETS[m.family]
+  out = {}
+  for key in PRESET_KEYS:
+    value = m[key] if key in m else None
+    out[key] = preset[key] if value in (None, "", 0) and value is not False else value
+  return out
+
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
+  m = cfg.model
+  arch = resolved_architecture(m)
   if m.vocab_size and m.vocab_size < vocab_size:
     raise JaxlmError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary ({vocab_size}); set it to 0 to derive it")
+  d_ff = m.d_ff or (llama_ff_dim(m.d_model) if m.family == "llama" else 0)
   return model_lib.ModelConfig(
       vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-      n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=m.d_ff,
-      dropout=m.dropout, bias=m.bias, tie_embeddings=m.tie_embeddings, dtype=m.dtype,
-      param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+      n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=d_ff,
+      dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+      scan_layers=m.scan_layers, **arch)
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -309,6 +338,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   mcfg = model_config(cfg, dataset.tokenizer.vocab_size)
   resolved = cfg.to_dict()
   resolved["model"]["vocab_size"] = mcfg.vocab_size
+  resolved["model"].update(resolved_architecture(cfg.model))  # config.json says what ran.
 
   # --- Mesh and batch geometry ------------------------------------------------------------------
   mesh = sharding.make_mesh(dict(cfg.mesh.items()))
