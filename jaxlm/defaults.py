@@ -16,7 +16,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # UTF-8 text file or glob; "" = tiny-shakespeare shipped with jaxlm.
-  c.data.tokenizer = "char"  # char (vocab from the corpus) | byte (256 symbols, any bytes).
+  # char (vocab from the corpus) | byte (256 symbols, any bytes) | bpe (byte-level BPE trained
+  # on the corpus, needs jaxlm[bpe]) | the path of a tokenizer.json (jaxlm's or Hugging Face's).
+  c.data.tokenizer = "char"
+  c.data.vocab_size = 1024  # Target vocabulary of the bpe tokenizer (256 bytes + merges).
   c.data.val_fraction = 0.1  # The last 10% of tokens are the validation split.
   c.data.cache_dir = ""  # Token cache; "" = $XDG_CACHE_HOME/jaxlm/tokens.
 

@@ -270,7 +270,8 @@ def resolve_vocab_size(cfg: ml_collections.ConfigDict) -> tuple[int, str]:
     return 256, "byte tokenizer"
   dataset = data_lib.load_dataset(cfg.data.path, cfg.data.tokenizer,
                                   val_fraction=cfg.data.val_fraction,
-                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir)
+                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir,
+                                  vocab_size=cfg.data.vocab_size)
   return dataset.tokenizer.vocab_size, f"{cfg.data.tokenizer} tokenizer on {dataset.source}"
 
 

@@ -103,9 +103,15 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if t.batch_size % t.grad_accum:
     raise JaxlmError(f"train.batch_size={t.batch_size} is not divisible by "
                      f"train.grad_accum={t.grad_accum}")
-  if cfg.data.tokenizer not in tokenizers.KINDS:
-    raise JaxlmError(f"unknown data.tokenizer={cfg.data.tokenizer!r}: expected one of "
-                     f"{', '.join(tokenizers.KINDS)}")
+  tok = cfg.data.tokenizer
+  if tok not in tokenizers.KINDS and not tokenizers.is_tokenizer_path(tok):
+    raise JaxlmError(f"unknown data.tokenizer={tok!r}: expected one of "
+                     f"{', '.join(tokenizers.KINDS)} or the path of a tokenizer.json")
+  if tokenizers.is_tokenizer_path(tok) and not os.path.isfile(tok):
+    raise JaxlmError(f"tokenizer file not found: data.tokenizer={tok!r}")
+  if tok == "bpe" and cfg.data.vocab_size < tokenizers.MIN_BPE_VOCAB:
+    raise JaxlmError(f"data.vocab_size={cfg.data.vocab_size} is too small for byte-level BPE: "
+                     f"it needs at least {tokenizers.MIN_BPE_VOCAB} (256 bytes + merges)")
   if cfg.optim.name not in optim.OPTIMIZERS:
     raise JaxlmError(f"unknown optim.name={cfg.optim.name!r}: expected one of "
                      f"{', '.join(optim.OPTIMIZERS)}")
@@ -334,7 +340,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   # --- Data -----------------------------------------------------------------------------------
   dataset = data_lib.load_dataset(
       cfg.data.path, cfg.data.tokenizer, val_fraction=cfg.data.val_fraction,
-      block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir)
+      block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir,
+      vocab_size=cfg.data.vocab_size)
   mcfg = model_config(cfg, dataset.tokenizer.vocab_size)
   resolved = cfg.to_dict()
   resolved["model"]["vocab_size"] = mcfg.vocab_size
@@ -652,9 +659,11 @@ def evaluate_run(workdir: str, step: int | str | None = None,
   """Validation loss, perplexity and bits per token of a saved checkpoint."""
   run = load_run(workdir, step)
   cfg = run.cfg
+  # Runs saved before data.vocab_size existed used no trained tokenizer.
   dataset = data_lib.load_dataset(cfg.data.path, cfg.data.tokenizer,
                                   val_fraction=cfg.data.val_fraction,
-                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir)
+                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir,
+                                  vocab_size=cfg.data.get("vocab_size", 0))
   n = eval_steps or cfg.train.eval_steps
   # The same fixed batches as the evaluations during training, so the numbers compare.
   batches = [data_lib.get_batch(dataset.val, seed=cfg.seed, step=i,
