@@ -254,14 +254,16 @@ class _Reader:
   def read(self, name: str) -> np.ndarray:
     stored = self.aliases.get(name, name)
     path = self.files[stored]
+    if not os.path.isfile(path):
+      raise JaxlmError(f"safetensors shard {path} (holding {stored}) is missing")
     try:
       with self._st.safe_open(path, framework="numpy") as f:
         return f.get_tensor(stored)
-    except FileNotFoundError:
-      raise JaxlmError(f"safetensors shard {path} (holding {stored}) is missing") from None
-    except TypeError as e:  # numpy has no bfloat16: safetensors refuses such tensors.
-      raise JaxlmError(f"cannot read {stored} from {path} as numpy ({e}); save the Hugging "
-                       "Face model in float32 or float16 first") from None
+    except TypeError:
+      # numpy has no bfloat16 (the dtype of most LLaMA checkpoints): read it through JAX,
+      # whose arrays convert to numpy via ml_dtypes.
+      with self._st.safe_open(path, framework="flax") as f:
+        return np.asarray(f.get_tensor(stored))
 
 
 def _set(tree: dict[str, Any], path: str, value: np.ndarray) -> None:
@@ -296,7 +298,7 @@ def read_hf(hf_dir: str, param_dtype: str = "float32"
     if value.shape != want:
       raise JaxlmError(f"tensor {hf_name} has shape {list(hf_shape)}, which does not fit "
                        f"{path} {list(want)} of the config in {cfg_path}")
-    _set(params, path, value.astype(dtype))
+    _set(params, path, value.astype(dtype, copy=False))
 
   for hf_name, path, to_jaxlm, _ in _tensor_map(mcfg, family):
     x = reader.read(hf_name)
@@ -371,7 +373,7 @@ def import_hf(hf_dir: str, workdir: str) -> dict[str, Any]:
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, items=("params",))
   try:
     ckpt.save(0, {"params": params}, {"config": resolved, "tokenizer": tok_json,
-                                      "source": os.path.abspath(hf_dir)})
+                                      "source": os.path.abspath(hf_dir), "params_only": True})
     ckpt.wait()
   finally:
     ckpt.close()

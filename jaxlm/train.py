@@ -401,6 +401,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       json.dump(resolved, f, indent=2, sort_keys=True)
   ckpt_meta = {"config": resolved, "tokenizer": dataset.tokenizer.to_json()}
   latest = ckpt.latest_step()
+  if latest is not None and ckpt.meta(latest).get("params_only"):
+    raise JaxlmError(f"workdir {workdir} holds imported params without optimizer state (step "
+                     f"{latest}); train from them in a new workdir with "
+                     f"--config.train.init_from={workdir}")
   if latest is not None:
     t0 = time.perf_counter()
     restored = ckpt.restore(latest, {"params": restore_target.params,

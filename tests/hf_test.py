@@ -82,6 +82,17 @@ def test_import_and_export_keep_the_logits(tmp_path, make, kwargs):
   np.testing.assert_array_equal(hf_logits(back), want)
 
 
+def test_bfloat16_checkpoint_imports(tmp_path):
+  src = save(llama(), tmp_path / "f32")
+  src.to(torch.bfloat16).save_pretrained(str(tmp_path / "hf"))
+  # The same bf16-rounded weights in a float32 model (src.float() would keep the RoPE
+  # frequencies that .to(bfloat16) rounded).
+  ref = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+  want = hf_logits(ref.eval())
+  hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "w"))
+  assert np.abs(jaxlm_logits(tmp_path / "w") - want).max() <= 1e-4
+
+
 def test_gqa_import_uses_the_kv_heads(tmp_path):
   save(llama(), tmp_path / "hf")
   family, mcfg, params = hf.read_hf(str(tmp_path / "hf"))
