@@ -22,7 +22,8 @@ def vocab_size(cfg: ml_collections.ConfigDict) -> int:
     return cfg.model.vocab_size
   dataset = data_lib.load_dataset(cfg.data.path, cfg.data.tokenizer,
                                   val_fraction=cfg.data.val_fraction,
-                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir)
+                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir,
+                                  vocab_size=cfg.data.vocab_size)
   return dataset.tokenizer.vocab_size
 
 

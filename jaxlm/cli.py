@@ -1,8 +1,8 @@
 """The `jaxlm` console script: `jaxlm <command> --config FILE --workdir DIR [--config.K=V ...]`.
 
-Commands: train, eval, sample, sweep, bench, params, launch, tpu. Each command parses flags,
-hands the locked config to the library and prints bad input as one line (`jaxlm: error: ...`)
-instead of a traceback.
+Commands: train, eval, sample, sweep, bench, params, convert, launch, tpu. Each command parses
+flags, hands the locked config to the library and prints bad input as one line
+(`jaxlm: error: ...`) instead of a traceback.
 """
 
 from __future__ import annotations
@@ -91,6 +91,9 @@ commands:
             jaxlm params --config configs/gpt2_small.py [--device "TPU v4"] [--format json]
           and, for a trained run, how far each tensor moved from its random init:
             jaxlm params --workdir runs/sc [--step N|best] [--plot drift.png]
+  convert Hugging Face GPT-2 / LLaMA checkpoints (safetensors) to a jaxlm workdir and back:
+            jaxlm convert --from_hf DIR --workdir W
+            jaxlm convert --to_hf --workdir W --out DIR
   launch  run a command as N processes of one JAX cluster on this machine:
             jaxlm launch --num_processes 2 --devices_per_process 2 -- train --config C --workdir W
   tpu     Cloud TPU VMs: up, run, logs, stop, down, watch (relaunches when preempted):
@@ -294,8 +297,32 @@ def cmd_tpu(argv: list[str]) -> None:
            down_when_done=_TPU_DOWN_WHEN_DONE.value, dry_run=_DRY_RUN.value)
 
 
+_FROM_HF = flags.DEFINE_string("from_hf", None, "convert: a Hugging Face model directory "
+                               "(config.json + safetensors) to import into --workdir.")
+_TO_HF = flags.DEFINE_bool("to_hf", False, "convert: export --workdir to Hugging Face format.")
+_OUT = flags.DEFINE_string("out", None, "convert --to_hf: the output directory.")
+
+
+def cmd_convert(argv: list[str]) -> None:
+  del argv
+  _require(_WORKDIR.value, "workdir")
+  if bool(_FROM_HF.value) == _TO_HF.value:
+    raise JaxlmError("convert needs exactly one of --from_hf DIR and --to_hf")
+  from jaxlm import hf
+  if _FROM_HF.value:
+    result = hf.import_hf(_FROM_HF.value, _WORKDIR.value)
+    print(f"imported a {result['family']} of {result['params']:,} parameters into "
+          f"{result['workdir']} (step 0)")
+  else:
+    _require(_OUT.value, "out")
+    result = hf.export_hf(_WORKDIR.value, _OUT.value)
+    print(f"exported a {result['family']} ({result['bytes']:,} bytes in {result['files']} "
+          f"safetensors files) to {result['out']}")
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "sweep": cmd_sweep,
-            "bench": cmd_bench, "params": cmd_params, "launch": cmd_launch, "tpu": cmd_tpu}
+            "bench": cmd_bench, "params": cmd_params, "launch": cmd_launch, "tpu": cmd_tpu,
+            "convert": cmd_convert}
 
 
 class _QuietLibraries(py_logging.Filter):

@@ -69,14 +69,18 @@ def default_cache_dir() -> str:
 
 
 def load_dataset(path: str, tokenizer: str, *, val_fraction: float, block_size: int,
-                 cache_dir: str = "") -> Dataset:
-  """Reads, tokenizes (once, cached on disk) and splits a corpus; checks it fits the context."""
+                 cache_dir: str = "", vocab_size: int = 0) -> Dataset:
+  """Reads, tokenizes (once, cached on disk) and splits a corpus; checks it fits the context.
+
+  `tokenizer` is a kind (char | byte | bpe) or a tokenizer.json path; `vocab_size` is the
+  target vocabulary of a bpe tokenizer trained on the corpus.
+  """
   if not 0.0 < val_fraction < 1.0:
     raise JaxlmError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
   raw, source = read_corpus(path)
   digest = hashlib.sha256(raw).hexdigest()
   tokens, tok = _tokenize_cached(raw, digest, tokenizer, cache_dir or default_cache_dir(),
-                                 name=source)
+                                 name=source, vocab_size=vocab_size)
   n_val = int(len(tokens) * val_fraction)
   train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
   for split, arr in (("train", train), ("val", val)):
@@ -88,10 +92,23 @@ def load_dataset(path: str, tokenizer: str, *, val_fraction: float, block_size: 
   return Dataset(train=train, val=val, tokenizer=tok, source=source, sha256=digest)
 
 
-def _tokenize_cached(raw: bytes, digest: str, kind: str, cache_dir: str,
-                     name: str) -> tuple[np.ndarray, tokenizers.Tokenizer]:
-  """Flat token array cached as raw uint16/uint32 plus a JSON sidecar (no pickle)."""
-  stem = os.path.join(cache_dir, f"{digest[:24]}.{kind}")
+def _tokenize_cached(raw: bytes, digest: str, kind: str, cache_dir: str, name: str,
+                     vocab_size: int = 0) -> tuple[np.ndarray, tokenizers.Tokenizer]:
+  """Flat token array cached as raw uint16/uint32 plus a JSON sidecar (no pickle).
+
+  A trained BPE tokenizer lives in the sidecar too, so it is trained once per (corpus,
+  vocab size); a tokenizer file is keyed by a hash of its contents.
+  """
+  tag = kind
+  if kind == "bpe":
+    tag = f"bpe{vocab_size}"
+  elif tokenizers.is_tokenizer_path(kind):
+    try:
+      with open(kind, "rb") as f:
+        tag = "file-" + hashlib.sha256(f.read()).hexdigest()[:16]
+    except OSError:
+      raise JaxlmError(f"tokenizer file not found: data.tokenizer={kind!r}") from None
+  stem = os.path.join(cache_dir, f"{digest[:24]}.{tag}")
   meta_path, bin_path = stem + ".json", stem + ".bin"
   if os.path.exists(meta_path) and os.path.exists(bin_path):
     try:
@@ -107,9 +124,13 @@ def _tokenize_cached(raw: bytes, digest: str, kind: str, cache_dir: str,
   if kind == "char":
     tok = tokenizers.make_tokenizer(kind, raw)
     ids = tok.encode(tokenizers.decode_utf8(raw, name=f"corpus {name!r}"))
-  else:
+  elif kind == "byte":
     tok = tokenizers.make_tokenizer(kind, raw)
     ids = tok.encode(raw)
+  else:
+    text = tokenizers.decode_utf8(raw, name=f"corpus {name!r}")
+    tok = tokenizers.make_tokenizer(kind, raw, vocab_size)
+    ids = tok.encode(text)
   dtype = np.dtype(np.uint16 if tok.vocab_size < 2**16 else np.uint32)
   tokens = ids.astype(dtype)
   try:

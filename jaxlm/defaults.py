@@ -7,6 +7,7 @@ config reads as a short diff and a misspelt key fails (the config is locked by t
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -15,22 +16,34 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # UTF-8 text file or glob; "" = tiny-shakespeare shipped with jaxlm.
-  c.data.tokenizer = "char"  # char (vocab from the corpus) | byte (256 symbols, any bytes).
+  # char (vocab from the corpus) | byte (256 symbols, any bytes) | bpe (byte-level BPE trained
+  # on the corpus, needs jaxlm[bpe]) | the path of a tokenizer.json (jaxlm's or Hugging Face's).
+  c.data.tokenizer = "char"
+  c.data.vocab_size = 1024  # Target vocabulary of the bpe tokenizer (256 bytes + merges).
   c.data.val_fraction = 0.1  # The last 10% of tokens are the validation split.
   c.data.cache_dir = ""  # Token cache; "" = $XDG_CACHE_HOME/jaxlm/tokens.
 
   c.model = ml_collections.ConfigDict()
+  # Architecture presets: gpt2 (LayerNorm, learned positions, GELU MLP, biases, tied head) |
+  # llama (RMSNorm, RoPE, SwiGLU, no biases, untied head, d_ff = 8/3 d_model rounded up to
+  # 256). Each key below left at ""/None/0 takes the family's value; set it to mix and match.
   c.model.family = "gpt2"
+  c.model.norm = ""  # layernorm | rmsnorm.
+  c.model.norm_eps = 0.0  # Epsilon of the norms; 0 = 1e-5.
+  c.model.position = ""  # learned (wpe table of block_size rows) | rope (rotary, no params).
+  c.model.rope_theta = 0.0  # RoPE base; 0 = 10000 (LLaMA 1/2; LLaMA 3 uses 500000).
+  c.model.mlp = ""  # gelu | swiglu.
   c.model.n_layer = 12
   c.model.n_head = 12
   c.model.n_kv_head = 0  # 0 = n_head; fewer = grouped-query attention.
   c.model.d_model = 768
-  c.model.d_ff = 0  # 0 = 4 * d_model.
+  c.model.d_ff = 0  # 0 = 4 * d_model (gpt2) or the LLaMA rule (llama).
   c.model.block_size = 1024  # Context length L.
   c.model.vocab_size = 0  # 0 = the tokenizer's vocabulary size.
   c.model.dropout = 0.0
-  c.model.bias = True  # Biases in linear layers and LayerNorms.
-  c.model.tie_embeddings = True  # Output head shares the token embedding matrix.
+  c.model.bias = config_dict.placeholder(bool)  # Biases in linears and norms; None = preset.
+  # Output head shares the token embedding matrix; None = preset.
+  c.model.tie_embeddings = config_dict.placeholder(bool)
   c.model.dtype = "float32"  # Matmul compute dtype (bfloat16 on TPU); softmax/loss stay f32.
   c.model.param_dtype = "float32"
   c.model.remat = "none"  # Activation recomputation per block: none | full | dots.

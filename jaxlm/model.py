@@ -1,8 +1,11 @@
-"""GPT-2-style decoder-only transformer in flax linen, with logical axis names on every parameter.
+"""Decoder-only transformer (GPT-2 and LLaMA families) in flax linen, logical axes on every param.
 
-Read top to bottom: config -> KV cache -> attention -> MLP -> block -> model. Tensor names end
-with their shape in the letters of jaxlm/axes.py (B batch, L length, S key length, D width,
-H heads, G kv heads, K head dim, F MLP width, V vocab).
+Read top to bottom: config -> KV cache -> norms and RoPE -> attention -> MLP -> block -> model.
+GPT-2 is LayerNorm, learned positions and a GELU MLP; LLaMA is RMSNorm, rotary positions and a
+SwiGLU MLP. Each piece is its own ModelConfig field, so any mix builds; the parameter paths of
+the GPT-2 pieces do not depend on the others (h_0/attn/query/kernel, wte/embedding, ln_f/scale).
+Tensor names end with their shape in the letters of jaxlm/axes.py (B batch, L length, S key
+length, D width, H heads, G kv heads, K head dim, F MLP width, V vocab).
 
 Decoding (jaxlm/sample.py) passes an explicit cache pytree instead of using flax's mutable
 "cache" collection: `apply(params, tokens_BxL, positions_BxL=..., cache=cache)` returns
@@ -31,6 +34,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # What the backward pass may keep from the forward pass of a block (the rest is recomputed):
 # "full" keeps only the block's input, "dots" also keeps matmul outputs (cheap to store, the
 # costly part to recompute).
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rope")
+MLPS = ("gelu", "swiglu")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -49,8 +55,13 @@ class ModelConfig:
   d_model: int = 128
   d_ff: int = 0  # 0 = 4 * d_model.
   dropout: float = 0.0
-  bias: bool = True
+  bias: bool = True  # Biases in linear layers and LayerNorms.
   tie_embeddings: bool = True
+  norm: str = "layernorm"  # layernorm | rmsnorm.
+  norm_eps: float = 1e-5
+  position: str = "learned"  # learned (a wpe table) | rope (rotary, no parameters).
+  rope_theta: float = 10000.0  # RoPE base: the longest rotation wavelength is ~2*pi*theta.
+  mlp: str = "gelu"  # gelu (fc -> GELU -> proj) | swiglu (silu(gate) * fc -> proj).
   dtype: str = "float32"  # compute dtype of matmuls; softmax, logits and loss always run in f32.
   param_dtype: str = "float32"
   remat: str = "none"  # Recompute activations in the backward pass: none | full | dots.
@@ -75,6 +86,14 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         fail(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(DTYPES)}")
+    for name, choices in (("norm", NORMS), ("position", POSITIONS), ("mlp", MLPS)):
+      if getattr(self, name) not in choices:
+        fail(f"model.{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+    if self.norm_eps <= 0:
+      fail(f"model.norm_eps must be > 0, got {self.norm_eps}")
+    if self.position == "rope" and (self.head_dim % 2 or self.rope_theta <= 0):
+      fail(f"rope needs an even head dim (d_model / n_head = {self.head_dim}) and "
+           f"model.rope_theta > 0 (got {self.rope_theta})")
     if self.remat not in REMAT_POLICIES:
       fail(f"model.remat={self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
 
@@ -135,11 +154,34 @@ def _ones(names: tuple[str | None, ...]) -> nn.initializers.Initializer:
 INIT_STD = 0.02
 
 
-def layer_norm(cfg: ModelConfig, name: str) -> nn.LayerNorm:
-  """LayerNorm computed in float32 (the caller casts back to the compute dtype)."""
-  return nn.LayerNorm(epsilon=1e-5, use_bias=cfg.bias, dtype=jnp.float32,
+def layer_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """LayerNorm or RMSNorm (model.norm) computed in float32 (the caller casts back)."""
+  if cfg.norm == "rmsnorm":
+    # No mean subtraction and no shift: LLaMA's norm, one scale vector only.
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32,
+                      param_dtype=DTYPES[cfg.param_dtype], scale_init=_ones((axes.EMBED,)),
+                      name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.bias, dtype=jnp.float32,
                       param_dtype=DTYPES[cfg.param_dtype], scale_init=_ones((axes.EMBED,)),
                       bias_init=_zeros((axes.EMBED,)), name=name)
+
+
+def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding in the "rotate half" layout (as Hugging Face LLaMA).
+
+  Dimension i of the first half pairs with dimension i of the second half and the pair turns
+  by positions * theta^(-2i/K). A query at position p and a key at position s then score
+  as a function of p - s only. Computed in float32, returned in x's dtype.
+  """
+  K = x_BxLxHxK.shape[-1]
+  inv_freq_K2 = 1.0 / theta ** (jnp.arange(0, K, 2, dtype=jnp.float32) / K)
+  angles_BxLxK2 = positions_BxL.astype(jnp.float32)[:, :, None] * inv_freq_K2[None, None]
+  cos_BxLx1xK = jnp.cos(jnp.concatenate([angles_BxLxK2, angles_BxLxK2], -1))[:, :, None]
+  sin_BxLx1xK = jnp.sin(jnp.concatenate([angles_BxLxK2, angles_BxLxK2], -1))[:, :, None]
+  x = x_BxLxHxK.astype(jnp.float32)
+  x1, x2 = x[..., :K // 2], x[..., K // 2:]
+  rotated_BxLxHxK = jnp.concatenate([-x2, x1], -1)
+  return (x * cos_BxLx1xK + rotated_BxLxHxK * sin_BxLx1xK).astype(x_BxLxHxK.dtype)
 
 
 class CausalSelfAttention(nn.Module):
@@ -164,6 +206,12 @@ class CausalSelfAttention(nn.Module):
     k_BxSxGxK, v_BxSxGxK = kv_BxLx2xGxK[:, :, 0], kv_BxLx2xGxK[:, :, 1]
 
     B, L = x_BxLxD.shape[:2]
+    if cfg.position == "rope":
+      if positions_BxL is None:
+        positions_BxL = jnp.broadcast_to(jnp.arange(L), (B, L))
+      # Keys are rotated before they enter the cache: a cached key keeps its own position.
+      q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+      k_BxSxGxK = rope(k_BxSxGxK, positions_BxL, cfg.rope_theta)
     # Grouped-query attention: each of the G kv heads serves R = H // G query heads.
     q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
     if cache is None:
@@ -203,6 +251,7 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+  """GELU MLP (fc -> gelu -> proj) or SwiGLU (silu(gate) * fc -> proj), as model.mlp says."""
   cfg: ModelConfig
 
   @nn.compact
@@ -212,7 +261,13 @@ class MLP(nn.Module):
                  param_dtype=DTYPES[cfg.param_dtype])
     h_BxLxF = nn.Dense(cfg.ff_dim, kernel_init=_init(INIT_STD, (axes.EMBED, axes.MLP)),
                        bias_init=_zeros((axes.MLP,)), name="fc", **dense)(x_BxLxD)
-    h_BxLxF = nn.gelu(h_BxLxF, approximate=True)  # GPT-2 uses the tanh approximation.
+    if cfg.mlp == "swiglu":
+      # Shazeer 2020: a SiLU-gated linear unit; `fc` is LLaMA's up projection.
+      gate_BxLxF = nn.Dense(cfg.ff_dim, kernel_init=_init(INIT_STD, (axes.EMBED, axes.MLP)),
+                            bias_init=_zeros((axes.MLP,)), name="gate", **dense)(x_BxLxD)
+      h_BxLxF = nn.silu(gate_BxLxF) * h_BxLxF
+    else:
+      h_BxLxF = nn.gelu(h_BxLxF, approximate=True)  # GPT-2 uses the tanh approximation.
     out_BxLxD = nn.Dense(cfg.d_model,
                          kernel_init=_init(INIT_STD / math.sqrt(2 * cfg.n_layer),
                                            (axes.MLP, axes.EMBED)),
@@ -221,7 +276,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
+  """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
 
   Returns (x, cache): the (carry, per-layer output) signature that `nn.scan` expects, with the
   updated LayerCache when decoding and None otherwise.
@@ -267,13 +322,16 @@ class GPT(nn.Module):
     wte = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.float32,
                    param_dtype=DTYPES[cfg.param_dtype],
                    embedding_init=_init(INIT_STD, (axes.VOCAB, axes.EMBED)), name="wte")
-    wpe = nn.Embed(cfg.block_size, cfg.d_model, dtype=jnp.float32,
-                   param_dtype=DTYPES[cfg.param_dtype],
-                   embedding_init=_init(INIT_STD, (None, axes.EMBED)), name="wpe")
-    if positions_BxL is None:
-      x_BxLxD = wte(tokens_BxL) + wpe(jnp.arange(L))[None]
+    if cfg.position == "rope":
+      x_BxLxD = wte(tokens_BxL)  # Positions enter inside attention instead.
     else:
-      x_BxLxD = wte(tokens_BxL) + wpe(positions_BxL)
+      wpe = nn.Embed(cfg.block_size, cfg.d_model, dtype=jnp.float32,
+                     param_dtype=DTYPES[cfg.param_dtype],
+                     embedding_init=_init(INIT_STD, (None, axes.EMBED)), name="wpe")
+      if positions_BxL is None:
+        x_BxLxD = wte(tokens_BxL) + wpe(jnp.arange(L))[None]
+      else:
+        x_BxLxD = wte(tokens_BxL) + wpe(positions_BxL)
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=not train)
     x_BxLxD = x_BxLxD.astype(DTYPES[cfg.dtype])
     block = Block

@@ -46,6 +46,7 @@ DEVICE_MEMORY_GIB = {
 # Hyperparameters that fix the numbers of the report, and some that do not (they change what
 # training does with the parameters, not how many there are or what a step costs).
 SIZE_HYPERPARAMETERS = (
+    "model.family", "model.norm", "model.position", "model.mlp",
     "model.n_layer", "model.n_head", "model.n_kv_head", "model.d_model", "model.d_ff",
     "model.block_size", "model.vocab_size", "model.bias", "model.tie_embeddings", "model.dtype",
     "model.param_dtype", "model.remat", "model.scan_layers", "optim.name", "train.batch_size",
@@ -57,8 +58,10 @@ OTHER_HYPERPARAMETERS = (
     "sample.top_p")
 
 PARAM_FORMULA = (
-    "V·D + T·D [wte, wpe] + N·(2·D [ln scales] + D·(H+2G)·K + H·K·D + 2·D·F [kernels] "
-    "+ b·((H+2G)·K + D + F + D + 2·D) [biases]) + D + b·D [ln_f] + (untied: D·V)")
+    "V·D + p·T·D [wte, wpe] + N·(2·D [norm scales] + D·(H+2G)·K + H·K·D + m·D·F [kernels] "
+    "+ b·((H+2G)·K + D + (m-1)·F + D) + b·l·2·D [biases]) + D + b·l·D [ln_f] + (untied: D·V); "
+    "p = 1 for learned positions (0 for rope), m = 2 for gelu (3 for swiglu), "
+    "l = 1 for layernorm (0 for rmsnorm, which has no shift)")
 FLOPS_CONVENTION = (
     "6·N + 12·n_layer·d_model·block_size (forward + backward; N = parameters in matmuls, i.e. "
     "all but the position embeddings, a tied embedding counted once, as nanoGPT's "
@@ -122,17 +125,21 @@ def formula_param_counts(mcfg: model_lib.ModelConfig) -> dict[str, int]:
   """Parameter counts by kind from the architecture alone (no flax tree); see PARAM_FORMULA.
 
   Letters: V vocab, T block_size, D d_model, N n_layer, H heads, G kv heads, K head dim,
-  F d_ff, b = 1 with biases else 0.
+  F d_ff, b = 1 with biases else 0, p = 1 with a learned position table, m = matrices in the
+  MLP (2 for gelu, 3 for swiglu), l = 1 when the norms are LayerNorms (RMSNorm has no shift).
   """
   V, T, D, N = mcfg.vocab_size, mcfg.block_size, mcfg.d_model, mcfg.n_layer
   H, G, K, F = mcfg.n_head, mcfg.kv_heads, mcfg.head_dim, mcfg.ff_dim
   b = int(mcfg.bias)
+  p = int(mcfg.position == "learned")
+  m = 3 if mcfg.mlp == "swiglu" else 2
+  ln = int(mcfg.norm == "layernorm")
   qkv = (H + 2 * G) * K  # Query heads plus one key and one value per kv head.
   counts = {
-      "weight": N * (D * qkv + H * K * D + 2 * D * F) + (0 if mcfg.tie_embeddings else D * V),
-      # Per block: q/k/v, attention out, fc, proj, and the shifts of the two LayerNorms.
-      "bias": b * (N * (qkv + D + F + D + 2 * D) + D),
-      "embedding": V * D + T * D,
+      "weight": N * (D * qkv + H * K * D + m * D * F) + (0 if mcfg.tie_embeddings else D * V),
+      # Per block: q/k/v, attention out, fc (and gate), proj, and the shifts of the two norms.
+      "bias": b * (N * (qkv + D + (m - 1) * F + D + ln * 2 * D) + ln * D),
+      "embedding": V * D + p * T * D,
       "norm scale": N * 2 * D + D,
   }
   counts["total"] = sum(counts.values())
@@ -263,7 +270,8 @@ def resolve_vocab_size(cfg: ml_collections.ConfigDict) -> tuple[int, str]:
     return 256, "byte tokenizer"
   dataset = data_lib.load_dataset(cfg.data.path, cfg.data.tokenizer,
                                   val_fraction=cfg.data.val_fraction,
-                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir)
+                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir,
+                                  vocab_size=cfg.data.vocab_size)
   return dataset.tokenizer.vocab_size, f"{cfg.data.tokenizer} tokenizer on {dataset.source}"
 
 
@@ -357,7 +365,8 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
   step_time = (flops_step / (n_devices * peak_tflops * 1e12 * mfu)) if peak_tflops else None
 
   resolved = {"model.vocab_size": mcfg.vocab_size, "model.d_ff": mcfg.ff_dim,
-              "model.n_kv_head": mcfg.kv_heads}
+              "model.n_kv_head": mcfg.kv_heads,
+              **{f"model.{k}": v for k, v in train.resolved_architecture(cfg.model).items()}}
   return {
       "config": config_path,
       "hyperparameters": {k: resolved.get(k, _lookup(cfg, k)) for k in SIZE_HYPERPARAMETERS},

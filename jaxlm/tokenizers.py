@@ -1,15 +1,33 @@
-"""Tokenizers (char, byte) that map text <-> int arrays and save themselves as JSON."""
+"""Tokenizers (char, byte, trained BPE) that map text <-> int arrays and save themselves as JSON.
+
+BPE is Hugging Face `tokenizers` byte-level BPE (GPT-2's scheme) rather than sentencepiece:
+it starts from the 256 bytes, so any UTF-8 or even invalid byte string encodes with no unknown
+token; it trains on a corpus in seconds from Python with no temp files or protobufs; and its
+tokenizer.json is the format of Hugging Face checkpoints, so an imported model's tokenizer loads
+through the same class (data.tokenizer=/path/to/tokenizer.json).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import numpy as np
 
 from jaxlm.errors import JaxlmError
 
-KINDS = ("char", "byte")
+KINDS = ("char", "byte", "bpe")
+INSTALL_HINT = "the bpe tokenizer needs Hugging Face tokenizers: pip install 'jaxlm[bpe]'"
+MIN_BPE_VOCAB = 257  # The 256 byte symbols plus at least one merge.
+
+
+def _hf_tokenizers():
+  try:
+    import tokenizers as hf_tokenizers
+  except ImportError:
+    raise JaxlmError(INSTALL_HINT) from None
+  return hf_tokenizers
 
 
 class ByteTokenizer:
@@ -64,16 +82,75 @@ class CharTokenizer:
     return {"kind": self.kind, "vocab_size": self.vocab_size, "chars": self.chars}
 
 
-Tokenizer = ByteTokenizer | CharTokenizer
+class BpeTokenizer:
+  """A Hugging Face `tokenizers.Tokenizer` (byte-level BPE when trained here)."""
+
+  kind = "bpe"
+
+  def __init__(self, hf: Any):
+    self.hf = hf
+    self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+
+  @classmethod
+  def train(cls, text: str, vocab_size: int) -> BpeTokenizer:
+    """Byte-level BPE learned from `text`; deterministic for the same text and vocab_size."""
+    if vocab_size < MIN_BPE_VOCAB:
+      raise JaxlmError(f"data.vocab_size={vocab_size} is too small for byte-level BPE: it "
+                       f"needs at least {MIN_BPE_VOCAB} (256 bytes + merges)")
+    hf = _hf_tokenizers()
+    tok = hf.Tokenizer(hf.models.BPE())
+    # No prefix space: encode(a + b) then splits the way encode(a), encode(b) do at a newline.
+    tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = hf.decoders.ByteLevel()
+    trainer = hf.trainers.BpeTrainer(
+        vocab_size=vocab_size, min_frequency=2, show_progress=False,
+        initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
+    # Lines as the training iterator: the trainer counts words per line, in one pass.
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    return cls(tok)
+
+  @classmethod
+  def from_hf_json(cls, hf_json: str) -> BpeTokenizer:
+    return cls(_hf_tokenizers().Tokenizer.from_str(hf_json))
+
+  def encode(self, text: str | bytes) -> np.ndarray:
+    if isinstance(text, bytes):
+      text = decode_utf8(text, name="text for the bpe tokenizer")
+    return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+  def decode(self, ids: Any) -> str:
+    # Ids that end inside a multi-byte character decode to U+FFFD rather than failing.
+    return self.hf.decode(np.asarray(ids).reshape(-1).tolist(), skip_special_tokens=False)
+
+  def to_json(self) -> dict[str, Any]:
+    # The Hugging Face tokenizer.json, whole, inside jaxlm's JSON.
+    return {"kind": self.kind, "vocab_size": self.vocab_size,
+            "hf": json.loads(self.hf.to_str())}
 
 
-def make_tokenizer(kind: str, corpus: bytes) -> Tokenizer:
-  """Builds a tokenizer of `kind` for `corpus` (the char vocab comes from the corpus)."""
+Tokenizer = ByteTokenizer | CharTokenizer | BpeTokenizer
+
+
+def is_tokenizer_path(kind: str) -> bool:
+  """data.tokenizer names a tokenizer.json file rather than a kind."""
+  return kind not in KINDS and kind.endswith(".json")
+
+
+def make_tokenizer(kind: str, corpus: bytes, vocab_size: int = 0) -> Tokenizer:
+  """Builds a tokenizer of `kind` for `corpus` (char and bpe vocabularies come from it).
+
+  `kind` may also be the path of a tokenizer.json (jaxlm's or Hugging Face's), loaded as is.
+  """
   if kind == "byte":
     return ByteTokenizer()
   if kind == "char":
     return CharTokenizer.from_text(decode_utf8(corpus))
-  raise JaxlmError(f"unknown tokenizer {kind!r}: expected one of {', '.join(KINDS)}")
+  if kind == "bpe":
+    return BpeTokenizer.train(decode_utf8(corpus), vocab_size)
+  if is_tokenizer_path(kind):
+    return load(kind)
+  raise JaxlmError(f"unknown tokenizer {kind!r}: expected one of {', '.join(KINDS)} or the "
+                   "path of a tokenizer.json")
 
 
 def decode_utf8(corpus: bytes, name: str = "corpus") -> str:
@@ -81,7 +158,7 @@ def decode_utf8(corpus: bytes, name: str = "corpus") -> str:
     return corpus.decode("utf-8")
   except UnicodeDecodeError as e:
     raise JaxlmError(
-        f"{name} is not valid UTF-8 (byte {e.start}); the char tokenizer needs UTF-8 text, "
+        f"{name} is not valid UTF-8 (byte {e.start}); the char and bpe tokenizers need UTF-8 text, "
         "use --config.data.tokenizer=byte for arbitrary bytes") from None
 
 
@@ -91,6 +168,13 @@ def from_json(d: dict[str, Any]) -> Tokenizer:
     return ByteTokenizer()
   if kind == "char":
     return CharTokenizer(d["chars"])
+  if kind == "bpe":
+    return BpeTokenizer.from_hf_json(json.dumps(d["hf"]))
+  if kind is None and "model" in d:  # A Hugging Face tokenizer.json as is.
+    try:
+      return BpeTokenizer.from_hf_json(json.dumps(d))
+    except Exception as e:  # tokenizers raises its own exception types.
+      raise JaxlmError(f"not a valid Hugging Face tokenizer.json: {e}") from None
   raise JaxlmError(f"unknown tokenizer kind {kind!r} in tokenizer JSON")
 
 
@@ -100,5 +184,11 @@ def save(tokenizer: Tokenizer, path: str) -> None:
 
 
 def load(path: str) -> Tokenizer:
-  with open(path, encoding="utf-8") as f:
-    return from_json(json.load(f))
+  if not os.path.isfile(path):
+    raise JaxlmError(f"tokenizer file not found: {path}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      d = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise JaxlmError(f"tokenizer file {path} is not JSON: {e}") from None
+  return from_json(d)

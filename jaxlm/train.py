@@ -29,7 +29,15 @@ from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
 PyTree = Any
-FAMILIES = ("gpt2",)
+# What model.family fills in for each architecture key left at its "" / None / 0 default.
+FAMILY_PRESETS = {
+    "gpt2": dict(norm="layernorm", position="learned", mlp="gelu", bias=True,
+                 tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-5),
+    "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False,
+                  tie_embeddings=False, rope_theta=10000.0, norm_eps=1e-5),
+}
+FAMILIES = tuple(FAMILY_PRESETS)
+PRESET_KEYS = tuple(FAMILY_PRESETS["gpt2"])
 
 
 @flax.struct.dataclass
@@ -44,18 +52,39 @@ class TrainState:
 # Config -> validated pieces. Everything here runs before any compilation.
 # ---------------------------------------------------------------------------------------------
 
-def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
-  m = cfg.model
+def llama_ff_dim(d_model: int, multiple_of: int = 256) -> int:
+  """LLaMA's MLP width: 2/3 of 4 * d_model (SwiGLU has three matrices, not two), rounded up."""
+  hidden = int(2 * 4 * d_model / 3)
+  return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def resolved_architecture(m: ml_collections.ConfigDict) -> dict[str, Any]:
+  """model.norm/position/mlp/bias/... with the family preset filled in where left unset.
+
+  Configs saved before these keys existed lack them; they read as unset, i.e. the preset.
+  """
   if m.family not in FAMILIES:
     raise JaxlmError(f"unknown model.family={m.family!r}: expected one of {', '.join(FAMILIES)}")
+  preset = FAMILY_PRESETS[m.family]
+  out = {}
+  for key in PRESET_KEYS:
+    value = m[key] if key in m else None
+    out[key] = preset[key] if value in (None, "", 0) and value is not False else value
+  return out
+
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
+  m = cfg.model
+  arch = resolved_architecture(m)
   if m.vocab_size and m.vocab_size < vocab_size:
     raise JaxlmError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary ({vocab_size}); set it to 0 to derive it")
+  d_ff = m.d_ff or (llama_ff_dim(m.d_model) if m.family == "llama" else 0)
   return model_lib.ModelConfig(
       vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-      n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=m.d_ff,
-      dropout=m.dropout, bias=m.bias, tie_embeddings=m.tie_embeddings, dtype=m.dtype,
-      param_dtype=m.param_dtype, remat=m.remat, scan_layers=m.scan_layers)
+      n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=d_ff,
+      dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+      scan_layers=m.scan_layers, **arch)
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -75,9 +104,15 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if t.batch_size % t.grad_accum:
     raise JaxlmError(f"train.batch_size={t.batch_size} is not divisible by "
                      f"train.grad_accum={t.grad_accum}")
-  if cfg.data.tokenizer not in tokenizers.KINDS:
-    raise JaxlmError(f"unknown data.tokenizer={cfg.data.tokenizer!r}: expected one of "
-                     f"{', '.join(tokenizers.KINDS)}")
+  tok = cfg.data.tokenizer
+  if tok not in tokenizers.KINDS and not tokenizers.is_tokenizer_path(tok):
+    raise JaxlmError(f"unknown data.tokenizer={tok!r}: expected one of "
+                     f"{', '.join(tokenizers.KINDS)} or the path of a tokenizer.json")
+  if tokenizers.is_tokenizer_path(tok) and not os.path.isfile(tok):
+    raise JaxlmError(f"tokenizer file not found: data.tokenizer={tok!r}")
+  if tok == "bpe" and cfg.data.vocab_size < tokenizers.MIN_BPE_VOCAB:
+    raise JaxlmError(f"data.vocab_size={cfg.data.vocab_size} is too small for byte-level BPE: "
+                     f"it needs at least {tokenizers.MIN_BPE_VOCAB} (256 bytes + merges)")
   if cfg.optim.name not in optim.OPTIMIZERS:
     raise JaxlmError(f"unknown optim.name={cfg.optim.name!r}: expected one of "
                      f"{', '.join(optim.OPTIMIZERS)}")
@@ -297,10 +332,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   # --- Data -----------------------------------------------------------------------------------
   dataset = data_lib.load_dataset(
       cfg.data.path, cfg.data.tokenizer, val_fraction=cfg.data.val_fraction,
-      block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir)
+      block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir,
+      vocab_size=cfg.data.vocab_size)
   mcfg = model_config(cfg, dataset.tokenizer.vocab_size)
   resolved = cfg.to_dict()
   resolved["model"]["vocab_size"] = mcfg.vocab_size
+  resolved["model"].update(resolved_architecture(cfg.model))  # config.json says what ran.
 
   # --- Mesh and batch geometry ------------------------------------------------------------------
   mesh = sharding.make_mesh(dict(cfg.mesh.items()))
@@ -356,6 +393,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       json.dump(resolved, f, indent=2, sort_keys=True)
   ckpt_meta = {"config": resolved, "tokenizer": dataset.tokenizer.to_json()}
   latest = ckpt.latest_step()
+  if latest is not None and ckpt.meta(latest).get("params_only"):
+    raise JaxlmError(f"workdir {workdir} holds imported params without optimizer state (step "
+                     f"{latest}); train from them in a new workdir with "
+                     f"--config.train.init_from={workdir}")
   if latest is not None:
     t0 = time.perf_counter()
     restored = ckpt.restore(latest, {"params": restore_target.params,
@@ -618,9 +659,11 @@ def evaluate_run(workdir: str, step: int | str | None = None,
   """Validation loss, perplexity and bits per token of a saved checkpoint."""
   run = load_run(workdir, step)
   cfg = run.cfg
+  # Runs saved before data.vocab_size existed used no trained tokenizer.
   dataset = data_lib.load_dataset(cfg.data.path, cfg.data.tokenizer,
                                   val_fraction=cfg.data.val_fraction,
-                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir)
+                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir,
+                                  vocab_size=cfg.data.get("vocab_size", 0))
   n = eval_steps or cfg.train.eval_steps
   # The same fixed batches as the evaluations during training, so the numbers compare.
   batches = [data_lib.get_batch(dataset.val, seed=cfg.seed, step=i,
