@@ -22,6 +22,7 @@ import numpy as np
 
 from jaxlm import defaults, tokenizers
 from jaxlm import model as model_lib
+from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
 PyTree = Any
@@ -351,9 +352,8 @@ def _abstract_shapes(mcfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
 def import_hf(hf_dir: str, workdir: str) -> dict[str, Any]:
   """Writes a jaxlm workdir (config.json, tokenizer.json if any, checkpoint at step 0)."""
   from jaxlm import checkpoint as checkpoint_lib
-  from jaxlm import train
   family, mcfg, params = read_hf(hf_dir)
-  train.prepare_workdir(workdir)
+  workdir_lib.prepare(workdir)
   ckpt_dir = os.path.join(workdir, "checkpoints")
   if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
     raise JaxlmError(f"workdir {workdir} already holds checkpoints; convert into a new one")
