@@ -4,9 +4,8 @@ import json
 import os
 
 import pytest
+import tokenizers as hf_tokenizers  # noqa: E402, F401  (the dev extra installs it; no silent skip)
 from conftest import assert_one_line_error, run_jaxlm
-
-pytest.importorskip("tokenizers")
 
 from jaxlm import data as data_lib  # noqa: E402
 from jaxlm import tokenizers  # noqa: E402

@@ -3,15 +3,15 @@
 import json
 import os
 
+# These tests need the `hf` extra (README's test command installs it). A missing package is a
+# collection error, not a silent skip.
+import jax.numpy as jnp  # noqa: E402
 import numpy as np
 import pytest
+import safetensors  # noqa: E402, F401
+import torch  # noqa: E402
+import transformers  # noqa: E402
 from conftest import assert_one_line_error, run_jaxlm
-
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("safetensors")
-
-import jax.numpy as jnp  # noqa: E402
 
 from jaxlm import hf  # noqa: E402
 from jaxlm import model as model_lib  # noqa: E402
@@ -101,7 +101,7 @@ def test_gqa_import_uses_the_kv_heads(tmp_path):
 
 
 def test_tokenizer_json_is_imported(tmp_path):
-  tokenizers = pytest.importorskip("tokenizers")
+  import tokenizers
   save(gpt2(), tmp_path / "hf")
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
