@@ -64,3 +64,21 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *fragments: str) ->
   for fragment in fragments:
     assert fragment in errors[0], errors[0]
   return errors[0]
+
+
+def random_model(base: dict, **overrides):
+  """(model, params) for ModelConfig(**base, **overrides), with weights far from the init.
+
+  GPT-2's init gives a random model nearly flat logits (greedy decoding repeats one token);
+  adding N(0, 0.3) to every weight makes logits vary and positions matter visibly, which
+  tests caches and position encodings far more thoroughly.
+  """
+  import flax.linen as nn
+
+  from jaxlm import model as model_lib
+  model = model_lib.make_model(model_lib.ModelConfig(**{**base, **overrides}))
+  params = nn.unbox(model_lib.init_params(model, jax.random.key(0)))
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  noisy = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+  return model, jax.tree.unflatten(treedef, noisy)

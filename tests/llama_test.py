@@ -3,12 +3,11 @@
 import collections
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import load_config, random_model
 
 from jaxlm import data as data_lib
 from jaxlm import model as model_lib
@@ -21,15 +20,7 @@ LLAMA = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_kv_head=2, d_m
 
 
 def make(**overrides):
-  cfg = model_lib.ModelConfig(**{**LLAMA, **overrides})
-  model = model_lib.make_model(cfg)
-  params = nn.unbox(model_lib.init_params(model, jax.random.key(0)))
-  # Larger random weights than the init, so logits vary and positions matter visibly.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(
-      treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
-  return model, params
+  return random_model(LLAMA, **overrides)
 
 
 def test_rope_scores_depend_only_on_relative_position():

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, load_config, run_jaxlm
+from conftest import assert_one_line_error, load_config, random_model, run_jaxlm
 
 from jaxlm import model as model_lib
 from jaxlm import sample, tokenizers, train
@@ -21,16 +21,7 @@ TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, d_model=32)
 
 
 def make(**overrides):
-  cfg = model_lib.ModelConfig(**{**TINY, **overrides})
-  model = model_lib.make_model(cfg)
-  params = nn.unbox(model_lib.init_params(model, jax.random.key(0)))
-  # GPT-2's init gives a random model nearly flat logits, so greedy decoding repeats one token.
-  # Larger random weights give varied text, which tests the cache far more thoroughly.
-  leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree.unflatten(
-      treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
-  return model, params
+  return random_model(TINY, **overrides)
 
 
 def full_forward(model, params, tokens_BxL):
