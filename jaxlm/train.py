@@ -387,16 +387,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   check_resumable(workdir, resolved)  # Before anything in the workdir is written.
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      keep=cfg.checkpoint.keep)
-  if is_main:
-    tokenizers.save(dataset.tokenizer, os.path.join(workdir, "tokenizer.json"))
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(resolved, f, indent=2, sort_keys=True)
-  ckpt_meta = {"config": resolved, "tokenizer": dataset.tokenizer.to_json()}
   latest = ckpt.latest_step()
   if latest is not None and ckpt.meta(latest).get("params_only"):
     raise JaxlmError(f"workdir {workdir} holds imported params without optimizer state (step "
                      f"{latest}); train from them in a new workdir with "
                      f"--config.train.init_from={workdir}")
+  if is_main:
+    tokenizers.save(dataset.tokenizer, os.path.join(workdir, "tokenizer.json"))
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(resolved, f, indent=2, sort_keys=True)
+  ckpt_meta = {"config": resolved, "tokenizer": dataset.tokenizer.to_json()}
   if latest is not None:
     t0 = time.perf_counter()
     restored = ckpt.restore(latest, {"params": restore_target.params,
