@@ -161,3 +161,14 @@ def test_cli_convert_round_trip_and_one_line_errors(tmp_path):
   (tmp_path / "bad" / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
   assert_one_line_error(run_jaxlm("convert", "--from_hf", str(tmp_path / "bad"), "--workdir",
                                   str(tmp_path / "w2")), "BertModel")
+
+
+def test_imported_workdir_refuses_resume_and_changes_nothing(tmp_path):
+  save(gpt2(), tmp_path / "hf")
+  hf.import_hf(str(tmp_path / "hf"), str(tmp_path / "w"))
+  before = (tmp_path / "w" / "config.json").read_bytes()
+  from jaxlm import train
+  cfg = train.ml_collections.ConfigDict(json.loads(before))
+  with pytest.raises(JaxlmError, match="imported params without optimizer state.*init_from"):
+    train.train_and_evaluate(cfg, str(tmp_path / "w"))
+  assert (tmp_path / "w" / "config.json").read_bytes() == before
