@@ -8,6 +8,7 @@ flags, hands the locked config to the library and prints bad input as one line
 from __future__ import annotations
 
 import logging as py_logging
+import os
 import sys
 
 from absl import app, flags, logging
@@ -335,6 +336,21 @@ class _QuietLibraries(py_logging.Filter):
     return "/orbax/" not in path and not path.endswith("xla_bridge.py")
 
 
+def _load_config() -> None:
+  """Loads --config now (config_flags loads lazily), so a bad file is one line, not a traceback."""
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.keys()  # A file that failed to load stands in as an object that raises on use.
+  except Exception as e:  # noqa: BLE001  (any failure inside the user's config file)
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    if not os.path.exists(path):
+      raise JaxlmError(f"config file not found: {path!r}") from None
+    cause = e.__cause__ or e
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    raise JaxlmError(f"cannot load config file {path!r}: {first}") from None
+
+
 def main(argv: list[str]) -> None:
   if len(argv) < 2 or argv[1] not in COMMANDS:
     got = f"unknown command {argv[1]!r}\n" if len(argv) > 1 else ""
@@ -343,6 +359,7 @@ def main(argv: list[str]) -> None:
   for handler in py_logging.getLogger().handlers + [logging.get_absl_handler()]:
     handler.addFilter(_QuietLibraries())
   try:
+    _load_config()
     COMMANDS[argv[1]](argv[2:])
   except JaxlmError as e:
     logging.flush()
@@ -368,6 +385,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     flag = next((a.split("=")[0] for a in argv[1:]
                  if a.startswith("--config.") and key in a.split("=")[0].split(".")), key)
     msg = f"unknown config key {flag}" + (f" ({hint})" if hint else "")
+  except Exception as e:  # noqa: BLE001  (raised inside the user's config file while loading it)
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    msg = f"cannot load the config file: {type(e).__name__}: {first}"
   sys.stderr.write(f"jaxlm: error: {msg}\n")
   sys.exit(2)
 

@@ -70,3 +70,12 @@ def test_python_dash_m_entry_point_works():
   proc = subprocess.run([sys.executable, "-m", "jaxlm.cli"], capture_output=True, text=True,
                         timeout=60)
   assert proc.returncode == 2 and "usage: jaxlm" in proc.stderr
+
+
+def test_missing_or_broken_config_file(tmp_path):
+  proc = jaxlm("train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path / "w"))
+  assert_one_line_error(proc, "config file not found", "nope.py")
+  broken = tmp_path / "broken.py"
+  broken.write_text("def get_config(:\n")
+  proc = jaxlm("train", "--config", str(broken), "--workdir", str(tmp_path / "w"))
+  assert_one_line_error(proc, "cannot load the config file", "SyntaxError")
