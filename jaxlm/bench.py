@@ -47,7 +47,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20,
   tx = optim.make_optimizer(cfg.optim, max(cfg.train.steps, 1))
   fns = train.make_sharded_training(model, tx, mesh, rules, grad_accum=cfg.train.grad_accum,
                                     z_loss=cfg.train.z_loss,
-                                    layer_stats=cfg.train.log_params_every > 0)
+                                    layer_stats=cfg.train.log_params_every)
   state = fns.init(jax.random.key(cfg.seed))
   n_proc = jax.process_count()
   tokens = np.random.default_rng(0).integers(0, mcfg.vocab_size, size=(

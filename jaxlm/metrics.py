@@ -121,6 +121,13 @@ def layer_stats(params: dict[str, Any], grads: dict[str, Any], updates: dict[str
   return out
 
 
+def layer_stats_of(operands: tuple[Any, Any, Any], *,
+                   stacked: str | None = None) -> dict[str, jax.Array]:
+  """layer_stats((params, grads, updates)): the one-argument form lax.cond needs."""
+  params, grads, updates = operands
+  return layer_stats(params, grads, updates, stacked=stacked)
+
+
 def format_duration(seconds: float) -> str:
   if not math.isfinite(seconds):
     return "?"

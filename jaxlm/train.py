@@ -219,11 +219,12 @@ def loss_fn(params: PyTree, batch: dict[str, jax.Array], rng: jax.Array, *,
 def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Array, *,
                model: model_lib.GPT, tx: optax.GradientTransformation, grad_accum: int = 1,
                z_loss: float = 0.0,
-               layer_stats: bool = False) -> tuple[TrainState, dict[str, jax.Array]]:
+               layer_stats: int = 0) -> tuple[TrainState, dict[str, jax.Array]]:
   """forward -> loss -> grads (averaged over `grad_accum` microbatches) -> optax update.
 
-  With `layer_stats`, the metrics also hold metrics.layer_stats of the new params, the
-  (unclipped) grads and the updates.
+  With `layer_stats` = k > 0, the metrics also hold metrics.layer_stats of the new params,
+  the (unclipped) grads and the updates, computed on every k-th step (zeros on the others,
+  which the loop never reads).
   """
   # Dropout randomness is a function of the step: nothing random is carried in the state.
   rng = jax.random.fold_in(base_rng, state.step)
@@ -257,7 +258,12 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
   if layer_stats:
     # Under scan_layers the blocks are one stacked subtree, "h"; report them per layer anyway.
     stacked = "h" if model.cfg.scan_layers else None
-    step_metrics.update(metrics.layer_stats(params, grads, updates, stacked=stacked))
+    compute = functools.partial(metrics.layer_stats_of, stacked=stacked)
+    operands = (params, grads, updates)
+    shapes = jax.eval_shape(compute, operands)
+    skip = lambda _: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    # Only steps whose stats get logged pay for them (three passes over every tensor).
+    step_metrics.update(jax.lax.cond(new_state.step % layer_stats == 0, compute, skip, operands))
   return new_state, step_metrics
 
 
@@ -289,7 +295,7 @@ class ShardedTraining:
 def make_sharded_training(model: model_lib.GPT, tx: optax.GradientTransformation,
                           mesh: jax.sharding.Mesh, rules: sharding.Rules, *,
                           grad_accum: int = 1, z_loss: float = 0.0,
-                          layer_stats: bool = False) -> ShardedTraining:
+                          layer_stats: int = 0) -> ShardedTraining:
   """eval_shape -> logical specs -> NamedShardings -> jit with explicit shardings and donation."""
   init_fn = functools.partial(init_boxed_state, model=model, tx=tx)
   abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
@@ -380,7 +386,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   init_rng, dropout_rng = init_rngs(cfg.seed)
   fns = make_sharded_training(model, tx, mesh, rules, grad_accum=cfg.train.grad_accum,
                               z_loss=cfg.train.z_loss,
-                              layer_stats=cfg.train.log_params_every > 0)
+                              layer_stats=cfg.train.log_params_every)
   restore_target, state_shardings = fns.abstract_state, fns.state_shardings
 
   # --- Checkpoints: resume, or start fresh (optionally from another run's weights) --------------
