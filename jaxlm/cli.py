@@ -36,6 +36,9 @@ _PROCESS_IDS = flags.DEFINE_list("process_ids", [], "launch: start only these pr
                                  "(default: all).")
 _BENCH_STEPS = flags.DEFINE_integer("steps", 20, "bench: timed steps after warm-up.")
 _JSON_OUT = flags.DEFINE_string("json_out", None, "bench: also write the report to this file.")
+_PROFILE = flags.DEFINE_string("profile", None, "bench: trace a few steps with the JAX profiler "
+                               "into this directory and list the ops that take the time.")
+_SAMPLING = flags.DEFINE_bool("sampling", True, "bench: also time sampling (prefill, decode).")
 _EVAL_STEPS = flags.DEFINE_integer("eval_steps", None, "Batches to evaluate (default: the run's "
                                    "train.eval_steps).")
 # `jaxlm params` flags.
@@ -88,6 +91,7 @@ commands:
           adaptive search workers sharing one study: add --worker [--storage URL] [--n_trials N]
           rebuild the table and plots:  jaxlm sweep --summarize --workdir runs/lr
   bench   time the train step, tokens/s and MFU:  jaxlm bench --config C [--steps 20]
+          [--profile DIR] [--nosampling]
   params  what the parameters are, what they cost, whether a config fits (nothing allocated):
             jaxlm params --config configs/gpt2_small.py [--device "TPU v4"] [--format json]
           and, for a trained run, how far each tensor moved from its random init:
@@ -227,7 +231,8 @@ def cmd_bench(argv: list[str]) -> None:
 
   from jaxlm import bench, distributed
   distributed.initialize(_CONFIG.value.distributed)
-  report = bench.bench_train(_CONFIG.value, steps=_BENCH_STEPS.value)
+  report = bench.bench_train(_CONFIG.value, steps=_BENCH_STEPS.value,
+                             profile_dir=_PROFILE.value, sampling=_SAMPLING.value)
   print(bench.format_report(report))
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w", encoding="utf-8") as f:
