@@ -117,8 +117,9 @@ def cmd_train(argv: list[str]) -> None:
   _require(_CONFIG.value, "config")
   _require(_WORKDIR.value, "workdir")
   # Imported here so that `jaxlm --help` does not load jax.
-  from jaxlm import distributed, train
-  distributed.initialize(_CONFIG.value.distributed)  # Before anything touches a device.
+  from jaxlm import distributed, train, xla
+  xla.apply(_CONFIG.value.xla_flags)  # Both before anything touches a device.
+  distributed.initialize(_CONFIG.value.distributed)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
@@ -229,7 +230,8 @@ def cmd_bench(argv: list[str]) -> None:
   _require(_CONFIG.value, "config")
   import json
 
-  from jaxlm import bench, distributed
+  from jaxlm import bench, distributed, xla
+  xla.apply(_CONFIG.value.xla_flags)
   distributed.initialize(_CONFIG.value.distributed)
   report = bench.bench_train(_CONFIG.value, steps=_BENCH_STEPS.value,
                              profile_dir=_PROFILE.value, sampling=_SAMPLING.value)

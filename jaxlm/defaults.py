@@ -13,6 +13,11 @@ from ml_collections import config_dict
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds parameter init, the data order and dropout (each via its own stream).
+  # XLA flags for this run (jaxlm train/bench put them in XLA_FLAGS; your own XLA_FLAGS win):
+  # "auto" = the flags jaxlm measured to help with the installed jaxlib (jaxlm/xla.py says
+  # which and why; on jaxlib 0.10 CPU: keep reductions out of YNNPACK, 7% faster steps), "" =
+  # none, or explicit "--xla_...=... --xla_...=...".
+  c.xla_flags = "auto"
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # UTF-8 text file or glob; "" = tiny-shakespeare shipped with jaxlm.

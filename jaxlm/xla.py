@@ -1,0 +1,91 @@
+"""XLA flags from the config (`xla_flags`), put in XLA_FLAGS before the XLA backend starts.
+
+XLA reads XLA_FLAGS once, when the first backend is created, and aborts the process on a flag
+it does not know. So the CLI applies the config's flags before anything touches a device, and
+"auto" only ever means flags measured with this jaxlib (TESTED_FLAGS); other versions get none.
+
+Why "auto" sets what it sets (measured with `jaxlm bench` on 2 cores, see
+experiments/cpu_throughput/):
+- `--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions). jaxlib 0.10's CPU
+  backend hands dots and reductions to YNNPACK. For a square 1024^3 matmul YNNPACK is faster
+  (0.31 vs 0.17 TFLOP/s), but inside a transformer step it is slower: its reductions (e.g. the
+  softmax backward's row sums, ~1.2 ms per layer) and the transposed copies its dots need
+  cost more than they save. Without it the default config steps in 34-36 ms instead of
+  37-42 ms and the large one in 8.4 s instead of 9.3 s. Same math: only which library sums the
+  same numbers changes (tests/xla_test.py compares losses and updates).
+  MFU stays honest: the CPU peak is the best of both backends (jaxlm.metrics), not the slower.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jaxlib
+from absl import logging
+
+from jaxlm.errors import JaxlmError
+
+# jaxlib "major.minor" -> the flags "auto" adds (XLA flag names change between versions).
+TESTED_FLAGS = {
+    "0.10": ("--xla_cpu_experimental_ynn_fusion_type=",),
+}
+
+
+def resolve(value: str) -> tuple[str, ...]:
+  """The flags that `xla_flags = value` stands for: "auto", "" (none) or explicit flags."""
+  value = value.strip()
+  if value == "auto":
+    version = ".".join(jaxlib.__version__.split(".")[:2])
+    return TESTED_FLAGS.get(version, ())
+  flags = tuple(value.split())
+  for flag in flags:
+    if not flag.startswith("--xla_"):
+      raise JaxlmError(f"xla_flags: {flag!r} is not an XLA flag (expected --xla_...=value, or "
+                       "'auto', or '' for none)")
+  return flags
+
+
+def _backend_started() -> bool:
+  from jax._src import xla_bridge  # Not in jax's public API; absent = assume started.
+  started = getattr(xla_bridge, "backends_are_initialized", None)
+  return started() if started else True
+
+
+# XLA_FLAGS as it was before `apply` added to it (None: nothing added, XLA runs as it would).
+_original_flags: str | None = None
+
+
+def original_env() -> dict[str, str] | None:
+  """The environment without the flags `apply` added, or None if it added none."""
+  if _original_flags is None:
+    return None
+  env = dict(os.environ)
+  if _original_flags:
+    env["XLA_FLAGS"] = _original_flags
+  else:
+    env.pop("XLA_FLAGS", None)
+  return env
+
+
+def apply(value: str) -> tuple[str, ...]:
+  """Appends the flags of `xla_flags = value` to XLA_FLAGS; returns those it added.
+
+  A flag the user already set in XLA_FLAGS (by name) wins over the config's. Once a backend
+  has started, XLA no longer reads XLA_FLAGS: then nothing is added and a warning says so.
+  """
+  flags = resolve(value)
+  existing = os.environ.get("XLA_FLAGS", "")
+  names = {f.split("=")[0] for f in existing.split()}
+  added = tuple(f for f in flags if f.split("=")[0] not in names)
+  if not added:
+    return ()
+  if _backend_started():
+    logging.warning("xla_flags %s not applied: the XLA backend (%s) has already started",
+                    " ".join(added), jax.default_backend())
+    return ()
+  global _original_flags
+  _original_flags = existing
+  os.environ["XLA_FLAGS"] = " ".join([existing, *added]).strip()
+  logging.info("XLA_FLAGS += %s (config xla_flags=%r)", " ".join(added), value)
+  return added
