@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import assert_one_line_error, load_config, run_jaxlm
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import metrics, sample, sweep, tokenizers, train
@@ -177,6 +177,11 @@ def test_unsupported_urls(url, message):
     workdir_lib.path(url)
 
 
+def test_cli_gives_one_line_errors_for_bad_urls():
+  assert_one_line_error(run_jaxlm("eval", "--workdir", "s3://bucket/run"),
+                        "a workdir is a local path or gs://bucket/dir")
+
+
 def test_missing_bucket_fails_in_prepare(gcs):
   with pytest.raises(JaxlmError, match="cannot write to workdir gs://no-such-bucket/run"):
     workdir_lib.prepare("gs://no-such-bucket/run")
@@ -234,3 +239,4 @@ def test_train_stop_and_resume_on_gs_equals_an_uninterrupted_local_run(gcs, tmp_
   assert run.step == 20
   jax.tree.map(np.testing.assert_array_equal, run.params, train.load_run(local).params)
   assert train.evaluate_run(remote, step="best")["val/loss"] < math.log(65)
+
