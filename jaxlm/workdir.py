@@ -44,7 +44,7 @@ def path(p: str | os.PathLike) -> epath.Path:
     return epath.Path(os.path.expanduser(text))
   scheme = text.split("://", 1)[0]
   if scheme not in SCHEMES:
-    raise JaxlmError(f"unsupported path {text!r}: a workdir is a local path or gs://bucket/dir")
+    raise JaxlmError(f"unsupported URL {text!r}: paths are local or gs://bucket/dir")
   if not any(importlib.util.find_spec(m) for m in ("gcsfs", "tensorflow")):
     raise JaxlmError(f"{text} is on Google Cloud Storage, which needs gcsfs: "
                      "pip install 'jaxlm[gcs]'")

@@ -169,7 +169,7 @@ def test_gs_without_gcsfs_is_a_one_line_error(monkeypatch):
 
 
 @pytest.mark.parametrize("url, message", [
-    ("s3://bucket/run", "a workdir is a local path or gs://bucket/dir"),
+    ("s3://bucket/run", "paths are local or gs://bucket/dir"),
     ("gs:///run", "names no bucket"),
 ])
 def test_unsupported_urls(url, message):
@@ -179,7 +179,7 @@ def test_unsupported_urls(url, message):
 
 def test_cli_gives_one_line_errors_for_bad_urls():
   assert_one_line_error(run_jaxlm("eval", "--workdir", "s3://bucket/run"),
-                        "a workdir is a local path or gs://bucket/dir")
+                        "paths are local or gs://bucket/dir")
 
 
 def test_missing_bucket_fails_in_prepare(gcs):
