@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, load_config, run_jaxlm
+from conftest import CONFIGS, assert_one_line_error, load_config, run_jaxlm
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import metrics, sample, sweep, tokenizers, train
@@ -33,23 +33,77 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def _with_generations(mp: pytest.MonkeyPatch) -> None:
+  """Teaches the emulator GCS's object generations, which tensorstore's OCDBT relies on.
+
+  gcp-storage-emulator ignores ifGenerationMatch / ifGenerationNotMatch and sends no
+  x-goog-generation header with object data; tensorstore's read-modify-write of an OCDBT
+  manifest then fails now and then ("Malformed StorageGeneration"). Real GCS does all three.
+  """
+  from http import HTTPStatus
+
+  from gcp_storage_emulator import server
+  from gcp_storage_emulator.handlers import objects
+
+  def generation(storage, bucket, name):
+    try:
+      return str(storage.get_file_obj(bucket, name)["generation"])
+    except Exception:  # noqa: BLE001  (the emulator's NotFound)
+      return "0"
+
+  def query(request, key):
+    values = request.query.get(key)
+    return values[0] if values else None
+
+  original_download, original_insert = objects.download, objects.insert
+
+  def download(request, response, storage, *args, **kwargs):
+    current = generation(storage, request.params["bucket_name"], request.params["object_id"])
+    if query(request, "ifGenerationMatch") not in (None, current):
+      response.status = HTTPStatus.PRECONDITION_FAILED
+      return
+    if query(request, "ifGenerationNotMatch") == current:
+      response.status = HTTPStatus.NOT_MODIFIED
+      return
+    original_download(request, response, storage, *args, **kwargs)
+    if current != "0":
+      response["x-goog-generation"] = current
+
+  def insert(request, response, storage, *args, **kwargs):
+    name, expected = query(request, "name"), query(request, "ifGenerationMatch")
+    if name and expected is not None and expected != generation(
+        storage, request.params["bucket_name"], name):
+      response.status = HTTPStatus.PRECONDITION_FAILED
+      return
+    original_insert(request, response, storage, *args, **kwargs)
+
+  mp.setattr(objects, "download", download)  # objects.get calls it for alt=media.
+  for _, methods in server.HANDLERS:
+    for method, handler in list(methods.items()):
+      if handler is original_download:
+        mp.setitem(methods, method, download)
+      elif handler is original_insert:
+        mp.setitem(methods, method, insert)
+
+
 @pytest.fixture(scope="module")
 def gcs():
   """gs://jaxlm-test on a GCS emulator for this module; yields the bucket URL."""
   from gcp_storage_emulator.server import create_server
   logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s are expected.
-  port = _free_port()
-  server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-  server.start()
-  url = f"http://127.0.0.1:{port}"
   with pytest.MonkeyPatch.context() as mp:
+    _with_generations(mp)
+    port = _free_port()
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
     mp.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs (etils.epath's gs:// backend).
     mp.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # tensorstore (orbax's array writes).
     mp.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # tensorstore: no credential lookup.
     # gcsfs would otherwise ask the (absent) storage-control API for each bucket's layout.
     mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     yield f"gs://{BUCKET}"
-  server.stop()
+    server.stop()
 
 
 @pytest.fixture(params=["local", "gcs"])
@@ -240,3 +294,23 @@ def test_train_stop_and_resume_on_gs_equals_an_uninterrupted_local_run(gcs, tmp_
   jax.tree.map(np.testing.assert_array_equal, run.params, train.load_run(local).params)
   assert train.evaluate_run(remote, step="best")["val/loss"] < math.log(65)
 
+
+
+@pytest.mark.slow
+def test_two_processes_share_a_gs_workdir_and_only_process_0_writes_its_files(gcs):
+  workdir = f"{gcs}/two"
+  proc = run_jaxlm("launch", "--num_processes=2", "--devices_per_process=2", "--timeout=400",
+                   "--init_timeout=120", "--", "train", "--config",
+                   os.path.join(CONFIGS, "smoke.py"), "--workdir", workdir,
+                   "--config.train.steps=10", "--config.checkpoint.every=5", timeout=450)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  p = workdir_lib.path(workdir)
+  # Each file once: a second writer would have duplicated lines or overwritten the object.
+  records = sweep.read_metrics(workdir)
+  assert [r["step"] for r in records if "train/loss" in r] == [5, 10]
+  assert [r["step"] for r in records if "val/loss" in r] == [0, 10]
+  assert workdir_lib.read_text(p / "samples.txt").count("== step 10 ==") == 1
+  assert len(list((p / "events").iterdir())) == 1
+  # Both processes took part in the orbax saves; one process reads them back.
+  proc = run_jaxlm("eval", "--workdir", workdir, "--step", "5")
+  assert proc.returncode == 0 and proc.stdout.startswith("step 5 | val loss"), proc.stderr[-3000:]
