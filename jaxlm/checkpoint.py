@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as ocp_policies
 
+from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
 PyTree = Any
@@ -30,11 +31,14 @@ def _path_str(path: tuple[Any, ...]) -> str:
 class Checkpointer:
   """Saves and restores `{name: pytree}` items plus a JSON `meta` dict at integer steps."""
 
-  def __init__(self, directory: str, *, items: tuple[str, ...] = ("params", "opt_state"),
-               keep: int = 3, keep_best: bool = True, read_only: bool = False):
-    self.directory = os.path.abspath(directory) if "://" not in directory else directory
-    if "://" not in directory:
-      _check_access(self.directory, write=not read_only)
+  def __init__(self, directory: str | os.PathLike, *,
+               items: tuple[str, ...] = ("params", "opt_state"), keep: int = 3,
+               keep_best: bool = True, read_only: bool = False):
+    # A local path or gs:// URL; orbax writes arrays to gs:// through tensorstore's GCS driver
+    # and, there, marks a finished save with a commit file instead of renaming its directory.
+    self.directory = workdir_lib.path(workdir_lib.absolute(directory))
+    if not workdir_lib.is_remote(self.directory):
+      _check_access(os.fspath(self.directory), write=not read_only)
     policies = [ocp_policies.LatestN(n=max(keep, 1))]
     if keep_best:
       # BestN keeps the last n after sorting; reverse=True sorts descending, so it keeps the

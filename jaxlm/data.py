@@ -19,6 +19,7 @@ import tempfile
 import numpy as np
 
 from jaxlm import tokenizers
+from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
 SHIPPED_CORPUS = "tinyshakespeare.txt.xz"
@@ -104,8 +105,8 @@ def _tokenize_cached(raw: bytes, digest: str, kind: str, cache_dir: str, name: s
     tag = f"bpe{vocab_size}"
   elif tokenizers.is_tokenizer_path(kind):
     try:
-      with open(kind, "rb") as f:
-        tag = "file-" + hashlib.sha256(f.read()).hexdigest()[:16]
+      # A tokenizer.json may live in a gs:// workdir (one imported by jaxlm convert).
+      tag = "file-" + hashlib.sha256(workdir_lib.path(kind).read_bytes()).hexdigest()[:16]
     except OSError:
       raise JaxlmError(f"tokenizer file not found: data.tokenizer={kind!r}") from None
   stem = os.path.join(cache_dir, f"{digest[:24]}.{tag}")

@@ -353,21 +353,20 @@ def import_hf(hf_dir: str, workdir: str) -> dict[str, Any]:
   """Writes a jaxlm workdir (config.json, tokenizer.json if any, checkpoint at step 0)."""
   from jaxlm import checkpoint as checkpoint_lib
   family, mcfg, params = read_hf(hf_dir)
-  workdir_lib.prepare(workdir)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(ckpt_dir) and os.listdir(ckpt_dir):
+  root = workdir_lib.prepare(workdir)  # A local path or gs:// URL.
+  ckpt_dir = root / "checkpoints"
+  if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
     raise JaxlmError(f"workdir {workdir} already holds checkpoints; convert into a new one")
   tok_json = None
   tokenizer_path = ""
   if os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
     tok = tokenizers.load(os.path.join(hf_dir, "tokenizer.json"))
-    tokenizer_path = os.path.abspath(os.path.join(workdir, "tokenizer.json"))
+    tokenizer_path = workdir_lib.absolute(root / "tokenizer.json")
     tokenizers.save(tok, tokenizer_path)
     tok_json = tok.to_json()
   cfg = jaxlm_config(mcfg, family, tokenizer_path)
   resolved = cfg.to_dict()
-  with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(resolved, f, indent=2, sort_keys=True)
+  workdir_lib.write_text(root / "config.json", json.dumps(resolved, indent=2, sort_keys=True))
   # Params only: there is no optimizer state to import. Fine-tune from here with
   # --config.train.init_from=<workdir>.
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, items=("params",))
@@ -400,11 +399,10 @@ def load_workdir(workdir: str) -> tuple[model_lib.ModelConfig, PyTree]:
   import ml_collections
 
   from jaxlm import sharding, train
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(path):
+  path = workdir_lib.path(workdir) / "config.json"
+  if not path.is_file():
     raise JaxlmError(f"no run in {workdir!r}: it has no config.json")
-  with open(path, encoding="utf-8") as f:
-    cfg = ml_collections.ConfigDict(json.load(f))
+  cfg = ml_collections.ConfigDict(json.loads(workdir_lib.read_text(path)))
   if not cfg.model.vocab_size:
     raise JaxlmError(f"{path} has no model.vocab_size")
   mcfg = train.model_config(cfg, cfg.model.vocab_size)
@@ -473,8 +471,8 @@ def export_hf(workdir: str, out_dir: str) -> dict[str, Any]:
     json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
   with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf_config(mcfg), f, indent=2)
-  tok_path = os.path.join(workdir, "tokenizer.json")
-  if os.path.isfile(tok_path):
+  tok_path = workdir_lib.path(workdir) / "tokenizer.json"
+  if tok_path.is_file():
     tok = tokenizers.load(tok_path)
     if tok.kind == "bpe":  # Hugging Face can read only its own tokenizer format.
       tok.hf.save(os.path.join(out_dir, "tokenizer.json"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -14,7 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import workdir as workdir_lib
 from jaxlm import xla
+
+# In a gs:// workdir, metrics.jsonl and TensorBoard events are uploaded (whole) at most this
+# often; a run killed without a chance to close loses at most this many seconds of records.
+REMOTE_FLUSH_SEC = 30.0
 
 # Peak dense TFLOP/s per device (bfloat16) from vendor data sheets; float32 on TPUs goes
 # through the same MXU passes, so the same peak is used.
@@ -165,19 +169,28 @@ def format_duration(seconds: float) -> str:
 class MetricsWriter:
   """Appends one JSON object per call to metrics.jsonl and mirrors scalars to TensorBoard.
 
-  Only process 0 writes; on other processes every method is a no-op.
+  Only process 0 writes; on other processes every method is a no-op. In a local workdir each
+  record is on disk as soon as it is written. In a gs:// workdir (no appends on GCS) the
+  whole metrics.jsonl object and the TensorBoard event files, which tensorboardX writes to a
+  local temporary directory, are uploaded at most every `flush_sec` seconds and at close.
   """
 
-  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
+               flush_sec: float = REMOTE_FLUSH_SEC):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
+    self._events = None
+    self._flush_sec = flush_sec
+    self._last_flush = time.monotonic()
     if not enabled:
       return
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    root = workdir_lib.path(workdir)
+    self._jsonl = workdir_lib.Appender(root / "metrics.jsonl")
     if tensorboard:
       from tensorboardX import SummaryWriter  # Imported lazily: it is slow to import.
-      self._tb = SummaryWriter(os.path.join(workdir, "events"))
+      self._events = workdir_lib.LocalMirror(root / "events")
+      self._tb = SummaryWriter(self._events.local)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
@@ -185,11 +198,22 @@ class MetricsWriter:
     record = {"step": int(step)}
     record.update({k: _to_python(v) for k, v in scalars.items()})
     self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
     if self._tb is not None:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, global_step=int(step))
+    if self._jsonl.remote and time.monotonic() - self._last_flush >= self._flush_sec:
+      self.flush()
+
+  def flush(self) -> None:
+    """Makes every record written so far visible in the workdir (an upload on GCS)."""
+    if not self.enabled:
+      return
+    self._jsonl.flush()
+    if self._tb is not None:
+      self._tb.flush()
+      self._events.sync()
+    self._last_flush = time.monotonic()
 
   def __enter__(self) -> MetricsWriter:
     return self
@@ -202,6 +226,7 @@ class MetricsWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+      self._events.close()
 
 
 def _to_python(v: Any) -> Any:

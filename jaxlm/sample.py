@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -41,6 +42,7 @@ import ml_collections
 import numpy as np
 
 from jaxlm import model as model_lib
+from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
 PyTree = Any
@@ -378,9 +380,8 @@ def sample_text(sampler: Sampler, params: PyTree, tokenizer: Any, prompts: Seque
                       compile_seconds=compile_seconds)
 
 
-def append_samples(path: str, step: int, prompt: str, texts: Sequence[str]) -> None:
+def append_samples(path: str | os.PathLike, step: int, prompt: str,
+                   texts: Sequence[str]) -> None:
   """Appends `== step N ==` and each prompt + continuation to a text file (samples.txt)."""
-  with open(path, "a", encoding="utf-8") as f:
-    f.write(f"== step {step} ==\n")
-    for text in texts:
-      f.write(prompt + text + "\n")
+  workdir_lib.append_text(path, f"== step {step} ==\n" + "".join(
+      prompt + text + "\n" for text in texts))

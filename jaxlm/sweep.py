@@ -410,24 +410,16 @@ def train_command(sweep: Sweep, trial_dir: str, overrides: Trial) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def read_state(trial_dir: str) -> dict[str, Any] | None:
-  path = os.path.join(trial_dir, STATE_FILE)
-  if not os.path.exists(path):
+  path = workdir_lib.path(trial_dir) / STATE_FILE
+  if not path.exists():
     return None
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
-
-
-def _tmp(path: str) -> str:
-  """A temporary name beside `path`, private to this process (several may write `path`)."""
-  return f"{path}.{os.getpid()}.tmp"
+  return json.loads(workdir_lib.read_text(path))
 
 
 def write_state(trial_dir: str, state: dict[str, Any]) -> None:
   os.makedirs(trial_dir, exist_ok=True)
-  path = os.path.join(trial_dir, STATE_FILE)
-  with open(_tmp(path), "w", encoding="utf-8") as f:
-    json.dump(state, f, indent=2)  # Insertion order: the sweep file's order of keys.
-  os.replace(_tmp(path), path)  # Atomic: a reader never sees half a file.
+  # Atomic (a reader never sees half a file); insertion order: the sweep file's order of keys.
+  workdir_lib.write_text(os.path.join(trial_dir, STATE_FILE), json.dumps(state, indent=2))
 
 
 def _normal(x: Any) -> Any:
@@ -442,15 +434,13 @@ def is_finished(state: dict[str, Any] | None, sweep: Sweep, spec: TrialSpec) -> 
 
 
 def read_metrics(trial_dir: str) -> list[dict[str, Any]]:
-  path = os.path.join(trial_dir, "metrics.jsonl")
-  if not os.path.exists(path):
+  """A run's metrics.jsonl records (local or gs://; see workdir.Appender for how it is kept)."""
+  path = workdir_lib.path(trial_dir) / "metrics.jsonl"
+  if not path.exists():
     return []
-  records = []
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      if line.endswith("\n"):  # A line still being written is skipped.
-        records.append(json.loads(line))
-  return records
+  lines = workdir_lib.read_text(path).splitlines(keepends=True)
+  # A line still being written is skipped.
+  return [json.loads(line) for line in lines if line.endswith("\n")]
 
 
 class MetricsTail:
@@ -736,6 +726,9 @@ def run(sweep: Sweep, workdir: str, *, parallel: int = 1, worker: bool = False,
   """Runs (or resumes) a sweep in `workdir`; returns the results rows (none for a worker)."""
   if parallel < 1:
     raise JaxlmError(f"--parallel must be >= 1, got {parallel}")
+  if workdir_lib.is_remote(workdir):
+    raise JaxlmError(f"a sweep runs in a local --workdir, not {workdir}: its trials' locks and "
+                     "logs need a filesystem (jaxlm sweep --summarize reads a gs:// sweep)")
   if sweep.trials is None:
     return run_search(sweep, workdir, parallel=parallel, worker=worker, storage=storage)
   if worker or storage:
@@ -790,10 +783,7 @@ def _write_sweep_json(sweep: Sweep, workdir: str) -> None:
   record = {"config": sweep.config_path, "base_overrides": _normal(sweep.base_overrides),
             "trials": [s.name for s in sweep.trials or []],
             "search_space": _normal(sweep.space), "n_trials": sweep.n_trials}
-  path = os.path.join(workdir, "sweep.json")
-  with open(_tmp(path), "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2)
-  os.replace(_tmp(path), path)
+  workdir_lib.write_text(os.path.join(workdir, "sweep.json"), json.dumps(record, indent=2))
 
 
 def _conclude(workdir: str, interrupted: bool, progress: Progress,
@@ -1001,11 +991,12 @@ def run_search(sweep: Sweep, workdir: str, *, parallel: int = 1, worker: bool = 
 
 def collect(workdir: str) -> list[dict[str, Any]]:
   """One row per trial directory of `workdir`: finished trials first, by final val loss."""
-  if not os.path.isdir(workdir):
+  root = workdir_lib.path(workdir)
+  if not root.is_dir():
     raise JaxlmError(f"no sweep in {workdir!r}: the directory does not exist")
   rows = []
-  for entry in sorted(os.listdir(workdir)):
-    trial_dir = os.path.join(workdir, entry)
+  for entry in sorted(p.name for p in root.iterdir()):
+    trial_dir = os.fspath(root / entry)
     state = read_state(trial_dir)
     if state is None:
       continue
@@ -1056,9 +1047,7 @@ def summarize(workdir: str) -> list[dict[str, Any]]:
 
 
 def _atomic_write(path: str, text: str) -> None:
-  with open(_tmp(path), "w", encoding="utf-8", newline="") as f:
-    f.write(text)
-  os.replace(_tmp(path), path)  # Several processes may summarise at once: last one wins.
+  workdir_lib.write_text(path, text)  # Several processes may summarise at once: last one wins.
 
 
 def _write_csv(path: str, rows: list[dict[str, Any]], keys: list[str]) -> None:
@@ -1115,10 +1104,13 @@ def _by_step(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[f
 
 
 def _save(fig: Any, path: str) -> None:
+  import io
+
   import matplotlib.pyplot as plt
   fig.tight_layout()
-  fig.savefig(_tmp(path), dpi=110, format="png")
-  os.replace(_tmp(path), path)
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=110, format="png")
+  workdir_lib.write_bytes(path, buf.getvalue())
   plt.close(fig)
 
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
 KINDS = ("char", "byte", "bpe")
@@ -178,17 +179,16 @@ def from_json(d: dict[str, Any]) -> Tokenizer:
   raise JaxlmError(f"unknown tokenizer kind {kind!r} in tokenizer JSON")
 
 
-def save(tokenizer: Tokenizer, path: str) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(tokenizer.to_json(), f, ensure_ascii=False)
+def save(tokenizer: Tokenizer, path: str | os.PathLike) -> None:
+  """Writes tokenizer.json (a local path or gs:// URL)."""
+  workdir_lib.write_text(path, json.dumps(tokenizer.to_json(), ensure_ascii=False))
 
 
-def load(path: str) -> Tokenizer:
-  if not os.path.isfile(path):
+def load(path: str | os.PathLike) -> Tokenizer:
+  if not workdir_lib.path(path).is_file():
     raise JaxlmError(f"tokenizer file not found: {path}")
   try:
-    with open(path, encoding="utf-8") as f:
-      d = json.load(f)
+    d = json.loads(workdir_lib.read_text(path))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise JaxlmError(f"tokenizer file {path} is not JSON: {e}") from None
   return from_json(d)

@@ -232,9 +232,10 @@ def setup_commands(s: Slice, setup: Setup) -> list[list[str]]:
                   "&& rm ~/jaxlm.tar.gz")]
   uv = "~/.local/bin/uv"
   jax = '"' + setup.jax.replace('"', "") + '"'  # Double quotes keep brackets from the shell.
+  code = '"' + CODE.replace("~", "$HOME") + '[gcs]"'  # The gcs extra: gs:// workdirs.
   install = (f"python3 -m pip install --user --quiet uv && rm -rf {VENV} && "
              f"{uv} venv --quiet --python {PYTHON} {VENV} && "
-             f"{uv} pip install --quiet --python {VENV}/bin/python {CODE} {jax}")
+             f"{uv} pip install --quiet --python {VENV}/bin/python {code} {jax}")
   return ship + [s.ssh(install)]
 
 

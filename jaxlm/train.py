@@ -6,7 +6,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -108,7 +107,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if tok not in tokenizers.KINDS and not tokenizers.is_tokenizer_path(tok):
     raise JaxlmError(f"unknown data.tokenizer={tok!r}: expected one of "
                      f"{', '.join(tokenizers.KINDS)} or the path of a tokenizer.json")
-  if tokenizers.is_tokenizer_path(tok) and not os.path.isfile(tok):
+  if tokenizers.is_tokenizer_path(tok) and not workdir_lib.path(tok).is_file():
     raise JaxlmError(f"tokenizer file not found: data.tokenizer={tok!r}")
   if tok == "bpe" and cfg.data.vocab_size < tokenizers.MIN_BPE_VOCAB:
     raise JaxlmError(f"data.vocab_size={cfg.data.vocab_size} is too small for byte-level BPE: "
@@ -132,11 +131,10 @@ def matmul_params(params: PyTree) -> int:
 
 def check_resumable(workdir: str, resolved: dict[str, Any]) -> None:
   """Refuses to continue a run whose saved model hyperparameters differ from `resolved`."""
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path) or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  root = workdir_lib.path(workdir)
+  if not (root / "config.json").exists() or not (root / "checkpoints").is_dir():
     return
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
+  saved = json.loads(workdir_lib.read_text(root / "config.json"))
   for key, value in resolved["model"].items():
     if key in saved.get("model", {}) and saved["model"][key] != value:
       raise JaxlmError(
@@ -332,7 +330,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
   t_start = time.perf_counter()
   validate_config(cfg)
-  workdir_lib.prepare(workdir)
+  root = workdir_lib.prepare(workdir)  # A local path or gs:// URL (see workdir.py).
   is_main = jax.process_index() == 0
 
   # --- Data -----------------------------------------------------------------------------------
@@ -391,17 +389,15 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   # --- Checkpoints: resume, or start fresh (optionally from another run's weights) --------------
   check_resumable(workdir, resolved)  # Before anything in the workdir is written.
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                     keep=cfg.checkpoint.keep)
+  ckpt = checkpoint_lib.Checkpointer(root / "checkpoints", keep=cfg.checkpoint.keep)
   latest = ckpt.latest_step()
   if latest is not None and ckpt.meta(latest).get("params_only"):
     raise JaxlmError(f"workdir {workdir} holds imported params without optimizer state (step "
                      f"{latest}); train from them in a new workdir with "
                      f"--config.train.init_from={workdir}")
   if is_main:
-    tokenizers.save(dataset.tokenizer, os.path.join(workdir, "tokenizer.json"))
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      json.dump(resolved, f, indent=2, sort_keys=True)
+    tokenizers.save(dataset.tokenizer, root / "tokenizer.json")
+    workdir_lib.write_text(root / "config.json", json.dumps(resolved, indent=2, sort_keys=True))
   ckpt_meta = {"config": resolved, "tokenizer": dataset.tokenizer.to_json()}
   if latest is not None:
     t0 = time.perf_counter()
@@ -487,8 +483,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
     result = sample.sample_text(sampler, state.params, dataset.tokenizer, [cfg.sample.prompt],
                                 jax.random.fold_in(sample_rng, step))
     if is_main:
-      sample.append_samples(os.path.join(workdir, "samples.txt"), step, cfg.sample.prompt,
-                            result.texts)
+      sample.append_samples(root / "samples.txt", step, cfg.sample.prompt, result.texts)
     logging.info("sample  step %d | %d tokens at %.0f tokens/s -> samples.txt", step,
                  result.num_tokens, result.tokens_per_sec)
 
@@ -612,13 +607,12 @@ class Run:
 
 
 def _read_run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.isdir(workdir):
+  root = workdir_lib.path(workdir)
+  if not root.is_dir():
     raise JaxlmError(f"no run in {workdir!r}: the directory does not exist")
-  if not os.path.exists(path):
+  if not (root / "config.json").exists():
     raise JaxlmError(f"no run in {workdir!r}: it has no config.json")
-  with open(path, encoding="utf-8") as f:
-    return ml_collections.ConfigDict(json.load(f))
+  return ml_collections.ConfigDict(json.loads(workdir_lib.read_text(root / "config.json")))
 
 
 def abstract_params(model: model_lib.GPT, mesh: jax.sharding.Mesh,
@@ -630,8 +624,8 @@ def abstract_params(model: model_lib.GPT, mesh: jax.sharding.Mesh,
 
 def load_params(source: str, target: PyTree, step: int | str | None = None) -> PyTree:
   """Params of the run in workdir `source` (its latest checkpoint), restored into `target`."""
-  ckpt_dir = os.path.join(source, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = workdir_lib.path(source) / "checkpoints"
+  if not ckpt_dir.is_dir():
     raise JaxlmError(f"no checkpoint in {source!r} (looked for {ckpt_dir})")
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
   try:
@@ -643,13 +637,13 @@ def load_params(source: str, target: PyTree, step: int | str | None = None) -> P
 def load_run(workdir: str, step: int | str | None = None) -> Run:
   """Restores a run's params (latest, `step`, or 'best') onto this host's devices."""
   cfg = _read_run_config(workdir)
-  tok = tokenizers.load(os.path.join(workdir, "tokenizer.json"))
+  tok = tokenizers.load(workdir_lib.path(workdir) / "tokenizer.json")
   model = model_lib.make_model(model_config(cfg, tok.vocab_size))
   # Whatever mesh trained it, restore onto the devices here (data parallel: replicated).
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
   target = abstract_params(model, mesh, sharding.get_rules(cfg.mesh.rules))
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = workdir_lib.path(workdir) / "checkpoints"
+  if not ckpt_dir.is_dir():
     raise JaxlmError(f"no checkpoint in {workdir!r}: train it first (jaxlm train)")
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
   try:
