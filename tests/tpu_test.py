@@ -17,8 +17,8 @@ TRAIN = ["train", "--config", "configs/shakespeare_char.py", "--workdir", "gs://
 # The remote scripts, spelled out once; each pinned command below uses them verbatim.
 INSTALL = ("'python3 -m pip install --user --quiet uv && rm -rf ~/jaxlm-venv && "
            "~/.local/bin/uv venv --quiet --python 3.12 ~/jaxlm-venv && "
-           "~/.local/bin/uv pip install --quiet --python ~/jaxlm-venv/bin/python \"$HOME/jaxlm[gcs]\" "
-           "\"jax[tpu]\"'")
+           "~/.local/bin/uv pip install --quiet --python ~/jaxlm-venv/bin/python "
+           "\"$HOME/jaxlm[gcs]\" \"jax[tpu]\"'")
 UNPACK = ("'rm -rf ~/jaxlm && mkdir -p ~/jaxlm && tar -xzf ~/jaxlm.tar.gz -C ~/jaxlm "
           "&& rm ~/jaxlm.tar.gz'")
 
