@@ -120,6 +120,7 @@ def cmd_train(argv: list[str]) -> None:
   from jaxlm import distributed, train, xla
   xla.apply(_CONFIG.value.xla_flags)  # Both before anything touches a device.
   distributed.initialize(_CONFIG.value.distributed)
+  xla.enable_compile_cache(_CONFIG.value.compile_cache)
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

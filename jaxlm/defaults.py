@@ -18,6 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
   # which and why; on jaxlib 0.10 CPU: keep reductions out of YNNPACK, 7% faster steps), "" =
   # none, or explicit "--xla_...=... --xla_...=...".
   c.xla_flags = "auto"
+  # Persistent compilation cache of jaxlm train: a rerun loads its compiled programs instead
+  # of compiling them. "auto" = $XDG_CACHE_HOME/jaxlm/xla, "" = off, or a directory (gs://
+  # works); JAX_COMPILATION_CACHE_DIR wins.
+  c.compile_cache = "auto"
 
   c.data = ml_collections.ConfigDict()
   c.data.path = ""  # UTF-8 text file or glob; "" = tiny-shakespeare shipped with jaxlm.

@@ -1,13 +1,15 @@
-"""Pure evaluation step and the loop over a fixed set of evaluation batches."""
+"""Pure evaluation step, and a fixed set of evaluation batches summed in one call."""
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm import losses
 from jaxlm import model as model_lib
@@ -23,13 +25,33 @@ def eval_step(params: PyTree, batch: dict[str, jax.Array], *,
   return {"loss_sum": loss * aux["tokens"], "tokens": aux["tokens"]}
 
 
+def eval_steps(params: PyTree, batches: dict[str, jax.Array], *,
+               model: model_lib.GPT) -> dict[str, jax.Array]:
+  """`eval_step` over a leading axis of N batches in one call (lax.scan), summed.
+
+  One call instead of N: on a small model the per-call dispatch costs more than the forward
+  pass (the default experiment's 2 x 20 eval batches: 0.40 s in 40 calls, less in 2).
+  """
+  first = jax.tree.map(lambda x: x[0], batches)
+  shapes = jax.eval_shape(functools.partial(eval_step, model=model), params, first)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+  def body(total, batch):
+    return jax.tree.map(jnp.add, total, eval_step(params, batch, model=model)), None
+  return jax.lax.scan(body, zeros, batches)[0]
+
+
+def stack(batches: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
+  """Host batches -> one dict of arrays with a leading batch-index axis (for `eval_steps`)."""
+  batches = list(batches)
+  return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
+
+
 def evaluate(eval_fn: Callable[[PyTree, dict[str, jax.Array]], dict[str, jax.Array]],
-             params: PyTree, batches: Iterable[dict[str, jax.Array]]) -> dict[str, float]:
-  """Token-weighted mean loss over `batches`, plus perplexity and bits per token."""
-  loss_sum, tokens = jnp.zeros(()), jnp.zeros(())
-  for batch in batches:
-    out = eval_fn(params, batch)
-    loss_sum, tokens = loss_sum + out["loss_sum"], tokens + out["tokens"]
-  loss = float(loss_sum / jnp.maximum(tokens, 1.0))  # The one host sync of an evaluation.
+             params: PyTree, batches: dict[str, jax.Array]) -> dict[str, float]:
+  """Token-weighted mean loss over stacked `batches` (jitted `eval_steps` as eval_fn), plus
+  perplexity and bits per token."""
+  out = eval_fn(params, batches)
+  loss = float(out["loss_sum"] / jnp.maximum(out["tokens"], 1.0))  # The one host sync.
   return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
           "bits_per_token": loss / math.log(2.0)}

@@ -287,7 +287,7 @@ class ShardedTraining:
   step: Any  # (state, batch, rng) -> (state, metrics); donates `state`.
   steps: Any  # (state, K stacked batches, rng) -> (state, metrics of shape [K]); donates `state`.
   stacked_batch_sharding: jax.sharding.NamedSharding
-  eval: Any  # (params, batch) -> {"loss_sum", "tokens"}.
+  eval: Any  # (params, N stacked batches) -> {"loss_sum", "tokens"} summed over them.
 
 
 def make_sharded_training(model: model_lib.GPT, tx: optax.GradientTransformation,
@@ -317,8 +317,8 @@ def make_sharded_training(model: model_lib.GPT, tx: optax.GradientTransformation
                     in_shardings=(state_shardings, stacked_sharding, replicated),
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
       stacked_batch_sharding=stacked_sharding,
-      eval=jax.jit(functools.partial(evaluate.eval_step, model=model),
-                   in_shardings=(state_shardings.params, batch_sharding),
+      eval=jax.jit(functools.partial(evaluate.eval_steps, model=model),
+                   in_shardings=(state_shardings.params, stacked_sharding),
                    out_shardings=replicated))
 
 
@@ -452,8 +452,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                f" ({per_call} steps per call)" if per_call > 1 else "",
                time.perf_counter() - t0)
 
-  eval_batches = {
-      name: [batch_at(tokens, i, stream) for i in range(cfg.train.eval_steps)]
+  eval_batches = {  # Each split's batches stacked: one call evaluates them all.
+      name: sharding.host_to_global(
+          evaluate.stack(host_batch_at(tokens, i, stream) for i in range(cfg.train.eval_steps)),
+          fns.stacked_batch_sharding)
       for name, tokens, stream in (("train", dataset.train, data_lib.EVAL_TRAIN_STREAM),
                                    ("val", dataset.val, data_lib.EVAL_VAL_STREAM))}
   writer = metrics.MetricsWriter(workdir, enabled=is_main)
@@ -666,11 +668,11 @@ def evaluate_run(workdir: str, step: int | str | None = None,
                                   vocab_size=cfg.data.get("vocab_size", 0))
   n = eval_steps or cfg.train.eval_steps
   # The same fixed batches as the evaluations during training, so the numbers compare.
-  batches = [data_lib.get_batch(dataset.val, seed=cfg.seed, step=i,
-                                batch_size=cfg.train.batch_size,
-                                block_size=cfg.model.block_size,
-                                stream=data_lib.EVAL_VAL_STREAM) for i in range(n)]
-  eval_fn = jax.jit(functools.partial(evaluate.eval_step, model=run.model))
+  batches = evaluate.stack(
+      data_lib.get_batch(dataset.val, seed=cfg.seed, step=i, batch_size=cfg.train.batch_size,
+                         block_size=cfg.model.block_size, stream=data_lib.EVAL_VAL_STREAM)
+      for i in range(n))
+  eval_fn = jax.jit(functools.partial(evaluate.eval_steps, model=run.model))
   result = evaluate.evaluate(eval_fn, run.params, batches)
   return {"step": run.step, "tokens": n * cfg.train.batch_size * cfg.model.block_size,
           **{f"val/{k}": v for k, v in result.items()}}

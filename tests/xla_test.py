@@ -88,3 +88,22 @@ def test_bad_xla_flags_in_the_config_are_one_line():
   proc = run_jaxlm("bench", "--config", os.path.join(CONFIGS, "smoke.py"),
                    "--config.xla_flags=-O3")
   assert_one_line_error(proc, "xla_flags", "'-O3' is not an XLA flag")
+
+
+def test_train_fills_the_compile_cache_and_a_rerun_reads_it(tmp_path):
+  cache = tmp_path / "xla-cache"
+  env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  args = [sys.executable, "-m", "jaxlm.cli", "train", "--config",
+          os.path.join(CONFIGS, "smoke.py"), f"--config.compile_cache={cache}",
+          "--config.train.steps=2"]
+  first = subprocess.run([*args, "--workdir", str(tmp_path / "a")], capture_output=True,
+                         text=True, timeout=300, cwd=REPO, env=env)
+  assert first.returncode == 0, first.stderr[-3000:]
+  entries = sorted(p.name for p in cache.iterdir())
+  assert any(name.startswith("jit_train_step") for name in entries), entries
+  # The same programs again (another workdir): loaded from the cache, nothing new written.
+  second = subprocess.run([*args, "--workdir", str(tmp_path / "b")], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env=env)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert sorted(p.name for p in cache.iterdir()) == entries
