@@ -79,7 +79,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
   else:
     batch = sharding.host_to_global(host_batch, fns.batch_sharding)
     fn = fns.step
-  rng = jax.random.key(1)
+  _, rng = train.init_rngs(cfg.seed, cfg.train.dropout_rng)  # As training draws dropout.
 
   t0 = time.perf_counter()
   step_fn = fn.lower(state, batch, rng).compile()

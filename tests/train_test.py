@@ -46,6 +46,26 @@ def test_train_step_is_pure_and_lowers_loss():
   assert float(m["loss"]) < float(m1["loss"]) - 0.5
 
 
+@pytest.mark.parametrize("dropout_rng", ["rbg", "unsafe_rbg"])
+def test_faster_dropout_rngs_only_change_the_masks(dropout_rng):
+  """rbg draws other masks than threefry (deterministically); without dropout, nothing moves."""
+  cfg = load_config("smoke")
+  batch = random_batch(8, 16)
+
+  def loss_after_one_step(dropout, impl):
+    cfg.model.dropout = dropout
+    model, tx, state = tiny_state(cfg)
+    _, rng = train.init_rngs(cfg.seed, impl)
+    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+    return float(step(state, batch, rng)[1]["loss"])
+
+  fast = loss_after_one_step(0.2, dropout_rng)
+  assert fast == loss_after_one_step(0.2, dropout_rng)  # Deterministic.
+  exact = loss_after_one_step(0.2, "threefry2x32")
+  assert fast != exact and abs(fast - exact) < 0.2  # Other masks, same distribution of loss.
+  assert loss_after_one_step(0.0, dropout_rng) == loss_after_one_step(0.0, "threefry2x32")
+
+
 def test_weight_decay_mask_covers_kernels_and_embeddings_only():
   cfg = load_config("smoke")
   _, _, state = tiny_state(cfg)
@@ -114,6 +134,7 @@ def test_train_and_evaluate_writes_the_workdir(tmp_path):
     ("optim.name", "adagrad", "unknown optim.name"),
     ("mesh.rules", "magic", "unknown mesh.rules"),
     ("model.family", "mamba", "unknown model.family"),
+    ("train.dropout_rng", "mt19937", "unknown train.dropout_rng"),
 ])
 def test_validate_config_rejects_impossible_values(key, value, message):
   cfg = load_config("smoke")
