@@ -50,6 +50,20 @@ def make_mesh(sizes: dict[str, int], devices: Sequence[jax.Device] | None = None
               axis_types=(jax.sharding.AxisType.Auto,) * len(axes.MESH_AXES))
 
 
+def local_position(mesh: Mesh, process_index: int | None = None) -> str:
+  """Where one process's devices sit in the mesh, e.g. "data 2-3, fsdp 0, tensor 0"."""
+  process_index = jax.process_index() if process_index is None else process_index
+  mine = np.vectorize(lambda d: d.process_index == process_index)(mesh.devices)
+  coords = np.argwhere(mine)
+  if not len(coords):
+    return "no devices"
+  parts = []
+  for axis, name in enumerate(mesh.axis_names):
+    lo, hi = coords[:, axis].min(), coords[:, axis].max()
+    parts.append(f"{name} {lo}" if lo == hi else f"{name} {lo}-{hi}")
+  return ", ".join(parts)
+
+
 def get_rules(name: str) -> Rules:
   if name not in axes.RULES:
     raise JaxlmError(f"unknown mesh.rules={name!r}: expected one of {', '.join(axes.RULES)}")

@@ -368,8 +368,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         f"grad_accum {cfg.train.grad_accum})")
   batch_sharding = sharding.batch_sharding(mesh, rules)
   n_proc, proc = jax.process_count(), jax.process_index()
-  logging.info("process %d of %d: %d of %d devices; mesh %s", proc, n_proc,
-               jax.local_device_count(), jax.device_count(), dict(mesh.shape))
+  logging.info("process %d of %d: %d of %d devices; mesh %s; this process holds %s", proc,
+               n_proc, jax.local_device_count(), jax.device_count(), dict(mesh.shape),
+               sharding.local_position(mesh))
 
   def host_batch_at(tokens, step, stream):
     return data_lib.get_batch(

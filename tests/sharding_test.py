@@ -79,6 +79,12 @@ def test_sharded_training_equals_one_device(mesh_shape, rules):
     assert shard_shape == (32 // mesh_shape[1], 128 // mesh_shape[2])
 
 
+def test_local_position_names_this_process_slice_of_the_mesh():
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 2, "tensor": 1})  # 4 x 2 x 1 of 8 devices.
+  assert sharding.local_position(mesh) == "data 0-3, fsdp 0-1, tensor 0"
+  assert sharding.local_position(mesh, process_index=1) == "no devices"
+
+
 def test_undivisible_dimension_is_replicated_not_an_error():
   losses, state = run_steps((1, 2, 4), "fsdp_tp", vocab=65)  # 65 % 4 != 0.
   ref_losses, _ = run_steps((1, 1, 1), "fsdp", vocab=65)
@@ -151,6 +157,11 @@ def test_two_processes_match_one_process_and_share_checkpoints(tmp_path):
   for workdir, n, d in ((one, 1, 4), (two, 2, 2)):
     proc = launch(workdir, n, d)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    if n == 2:  # Every host logs its index, its devices and its place in the mesh.
+      assert "process 0 of 2: 2 of 4 devices" in proc.stderr, proc.stderr[-3000:]
+      assert "process 1 of 2: 2 of 4 devices" in proc.stderr
+      assert "this process holds data 0-1" in proc.stderr
+      assert "this process holds data 2-3" in proc.stderr
   a, b = train_losses(one), train_losses(two)
   assert sorted(a) == sorted(b) and len(a) >= 6
   np.testing.assert_allclose([b[s] for s in sorted(b)], [a[s] for s in sorted(a)], rtol=1e-5)

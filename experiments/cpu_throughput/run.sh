@@ -9,18 +9,22 @@ bench() {  # bench NAME ARGS...
   python3 -c "import json,sys; r=json.load(open('/tmp/bench.json')); r['name']=sys.argv[1]; print(json.dumps(r))" "$name" >> "$out"
 }
 : > "$out"
-# The default experiment: one step per call vs ten, with and without per-layer stats.
-bench default        --config configs/shakespeare_char.py --steps 200 --config.train.log_params_every=0
-bench default_k10    --config configs/shakespeare_char.py --steps 200 --config.train.log_params_every=0 --config.train.steps_per_call=10
-bench default_stats  --config configs/shakespeare_char.py --steps 200
-# The large experiment on 1 device, then on 8 fake CPU devices (data parallel and FSDP).
-bench large          --config configs/shakespeare_char_large.py --steps 3
+# The default experiment: one step per call vs ten; XLA's default flags vs xla_flags=auto.
+for i in 1 2; do
+  bench default_k1_xla_defaults --config configs/shakespeare_char.py --steps 300 --nosampling --config.train.steps_per_call=1 --config.xla_flags=
+  bench default_xla_defaults    --config configs/shakespeare_char.py --steps 300 --nosampling --config.xla_flags=
+  bench default               --config configs/shakespeare_char.py --steps 300
+done
+# The large experiment: XLA's flags and threefry masks, then each change, then no dropout.
+bench large_xla_defaults_threefry --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.xla_flags= --config.train.dropout_rng=threefry2x32
+bench large_threefry              --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.train.dropout_rng=threefry2x32
+bench large                       --config configs/shakespeare_char_large.py --steps 3
+bench large_no_dropout            --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.model.dropout=0.0
+# 8 fake CPU devices (the same 2 cores): the cost of partitioning, not a speed-up.
 XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-  bench large_8dp    --config configs/shakespeare_char_large.py --steps 3 --config.mesh.rules=dp
-XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-  bench large_8fsdp  --config configs/shakespeare_char_large.py --steps 3 --config.mesh.fsdp=-1 --config.mesh.data=1
+  bench large_8dp    --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.mesh.rules=dp
 # Compile time against depth, unrolled vs nn.scan over layers.
 for n in 2 8 16; do
-  bench "depth${n}"      --config configs/shakespeare_char.py --steps 2 --config.model.n_layer=$n
-  bench "depth${n}_scan" --config configs/shakespeare_char.py --steps 2 --config.model.n_layer=$n --config.model.scan_layers=True
+  bench "depth${n}"      --config configs/shakespeare_char.py --steps 2 --nosampling --config.model.n_layer=$n
+  bench "depth${n}_scan" --config configs/shakespeare_char.py --steps 2 --nosampling --config.model.n_layer=$n --config.model.scan_layers=True
 done
