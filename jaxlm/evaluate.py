@@ -29,8 +29,8 @@ def eval_steps(params: PyTree, batches: dict[str, jax.Array], *,
                model: model_lib.GPT) -> dict[str, jax.Array]:
   """`eval_step` over a leading axis of N batches in one call (lax.scan), summed.
 
-  One call instead of N: on a small model the per-call dispatch costs more than the forward
-  pass (the default experiment's 2 x 20 eval batches: 0.40 s in 40 calls, less in 2).
+  One call and one host sync per evaluated split instead of N calls and N host-side adds; the
+  same sums in the same order.
   """
   first = jax.tree.map(lambda x: x[0], batches)
   shapes = jax.eval_shape(functools.partial(eval_step, model=model), params, first)
