@@ -102,7 +102,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
   profile = None
   if profile_dir:
     state, profile = profile_ops(step_fn, state, batch, rng, profile_dir,
-                                 calls=max(1, min(calls, 10 // per_call or 1)),
+                                 calls=max(1, 10 // per_call),  # About 10 steps.
                                  steps_per_call=per_call)
 
   n_matmul = train.matmul_params(jax.eval_shape(lambda: state.params))

@@ -231,7 +231,9 @@ def cmd_bench(argv: list[str]) -> None:
   _require(_CONFIG.value, "config")
   import json
 
-  from jaxlm import bench, distributed, xla
+  from jaxlm import bench, distributed, workdir, xla
+  if _PROFILE.value:
+    workdir.prepare(_PROFILE.value)  # A directory that cannot be made is one line, up front.
   xla.apply(_CONFIG.value.xla_flags)
   distributed.initialize(_CONFIG.value.distributed)
   report = bench.bench_train(_CONFIG.value, steps=_BENCH_STEPS.value,

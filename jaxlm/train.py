@@ -155,7 +155,7 @@ def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
 # Generators for dropout masks (train.dropout_rng). threefry2x32 is JAX's default: the same
 # bits on every backend and sharding. rbg draws bits with XLA's RngBitGenerator (keys are still
 # split and folded with threefry): the masks of shakespeare_char_large took 0.33 instead of
-# 0.54 s per 25M on 2 CPU cores (-10% step time); its bits may differ across backends and
+# 0.54 s per 25M on 2 CPU cores (8-14% faster steps); its bits may differ across backends and
 # XLA versions, so a run is reproducible on one platform only. unsafe_rbg also derives keys
 # with RngBitGenerator.
 DROPOUT_RNGS = ("threefry2x32", "rbg", "unsafe_rbg")

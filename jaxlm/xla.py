@@ -13,8 +13,9 @@ experiments/cpu_throughput/):
   peak here (0.31-0.37 TFLOP/s), but inside a transformer step YNNPACK is slower: its
   reductions (e.g. the softmax backward's row sums, ~1.2 ms per layer) and the transposed
   copies its dots need cost more than they save. Without it the default config steps in
-  34.5-36.0 ms instead of 35.7-36.5 ms on a quiet machine (33.9-36.2 vs 37.3-42.1 ms under
-  load), and the large one in 11.1 s instead of 11.8 s (8.4 vs 9.3 s without dropout). Same
+  34.0-34.8 ms instead of 37.3 ms (experiments/cpu_throughput/results.jsonl; 34.5-36.0 vs
+  35.7-36.5 ms in an earlier alternating run), and the large one in 12.3 s instead of 13.9 s
+  (11.1 vs 11.8 s earlier; 8.4 vs 9.3 s without dropout). Same
   math: only which library sums the same numbers changes (tests/xla_test.py compares losses
   and parameters). MFU stays honest: the CPU peak is the best of both (jaxlm.metrics).
 """
@@ -108,5 +109,7 @@ def enable_compile_cache(value: str) -> str:
   if value == "auto":
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     value = os.path.join(root, "jaxlm", "xla")
+  if "://" not in value and os.path.exists(value) and not os.path.isdir(value):
+    raise JaxlmError(f"compile_cache={value!r} is a file, not a directory")
   jax.config.update("jax_compilation_cache_dir", value)
   return value

@@ -4,9 +4,16 @@ import json
 import math
 import os
 
-from conftest import CONFIGS, run_jaxlm
+from conftest import CONFIGS, assert_one_line_error, run_jaxlm
 
 from jaxlm import metrics
+
+
+def test_bench_profile_dir_that_is_a_file_is_one_line(tmp_path):
+  (tmp_path / "f").write_text("")
+  proc = run_jaxlm("bench", "--config", os.path.join(CONFIGS, "smoke.py"), "--profile",
+                   str(tmp_path / "f"))
+  assert_one_line_error(proc, "exists and is not a directory")
 
 
 def test_bench_smoke_config_reports_consistent_numbers(tmp_path):

@@ -90,6 +90,13 @@ def test_bad_xla_flags_in_the_config_are_one_line():
   assert_one_line_error(proc, "xla_flags", "'-O3' is not an XLA flag")
 
 
+def test_compile_cache_that_is_a_file_is_one_line(tmp_path):
+  (tmp_path / "f").write_text("")
+  proc = run_jaxlm("train", "--config", os.path.join(CONFIGS, "smoke.py"), "--workdir",
+                   str(tmp_path / "run"), f"--config.compile_cache={tmp_path / 'f'}")
+  assert_one_line_error(proc, "compile_cache=", "is a file, not a directory")
+
+
 def test_train_fills_the_compile_cache_and_a_rerun_reads_it(tmp_path):
   cache = tmp_path / "xla-cache"
   env = dict(os.environ, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
