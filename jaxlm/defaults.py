@@ -86,7 +86,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.z_loss = 0.0  # Coefficient of PaLM's z-loss; 0 = off.
   c.train.init_from = ""  # Workdir of another run whose latest params start this one.
   # Generator of dropout masks: threefry2x32 (JAX's default, the same bits everywhere) | rbg
-  # (XLA's RngBitGenerator: faster masks, bits may differ across backends; jaxlm/train.py).
+  # (XLA's RngBitGenerator: faster masks, bits may differ across backends) | hash (a counter
+  # hash fused into the masked op: no mask in memory, the same bits on any mesh; fastest on
+  # CPU). See jaxlm/train.py and model.HashDropout.
   c.train.dropout_rng = "threefry2x32"
   c.train.stop_at = 0  # Stop with a checkpoint after this step, as if preempted; 0 = off.
 

@@ -65,6 +65,9 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls; softmax, logits and loss always run in f32.
   param_dtype: str = "float32"
   remat: str = "none"  # Recompute activations in the backward pass: none | full | dots.
+  # Dropout masks from a counter hash fused into the masked op (see HashDropout) instead of
+  # jax.random.bernoulli; train.dropout_rng = "hash" sets it.
+  hash_dropout: bool = False
   scan_layers: bool = False  # One scanned block (params stacked on a `layers` axis).
 
   def __post_init__(self):
@@ -184,6 +187,60 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
   return (x * cos_BxLx1xK + rotated_BxLxHxK * sin_BxLx1xK).astype(x_BxLxHxK.dtype)
 
 
+def _fmix32(h: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 in which every input bit flips
+  each output bit with probability ~1/2."""
+  h = h ^ (h >> 16)
+  h = h * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  h = h * jnp.uint32(0xC2B2AE35)
+  return h ^ (h >> 16)
+
+
+def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """uint32 bits for every element of `shape`: a hash of (key, row, column), no stored state.
+
+  Row = flat index over all but the last dimension, column = index in the last one. Each is
+  mixed with its own 32 key bits by a bijection (so two rows, or two columns, never share
+  their mixed value), the two are combined and mixed again. Unlike jax.random.bits, the bits
+  are a pure elementwise function of an iota, so XLA fuses them into the op that uses the
+  mask and never writes them to memory. Rows wrap past 2**32 (arrays of >= 2**32 rows).
+  """
+  k_row, k_col = jax.random.bits(key, (2,), jnp.uint32)
+  row = jnp.zeros(shape, jnp.uint32)
+  stride = 1
+  for dim in range(len(shape) - 2, -1, -1):
+    row = row + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
+    stride *= shape[dim]
+  col = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
+  return _fmix32(_fmix32(row ^ k_row) ^ _fmix32(col ^ k_col))
+
+
+class HashDropout(nn.Module):
+  """Inverted dropout (as nn.Dropout) whose keep mask is `hash_bits(key) >= rate * 2**32`.
+
+  On CPU, masks from jax.random are an RNG kernel that writes 4 bytes per element and a
+  select that reads them back; for the attention probabilities of shakespeare_char_large
+  (25M elements a layer) that was a quarter of the train step. The hash is ~15 integer ops
+  per element inside the softmax fusion. The drop probability is exact to 2**-32; the masks
+  differ from jax.random's (tests/model_test.py checks their rate and independence).
+  """
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    threshold = jnp.uint32(min(round(self.rate * 2**32), 2**32 - 1))
+    keep = hash_bits(self.make_rng("dropout"), x.shape) >= threshold
+    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
+
+
+def dropout(cfg: ModelConfig) -> nn.Module:
+  """The dropout module of cfg: flax's (masks from jax.random) or HashDropout."""
+  return HashDropout(cfg.dropout) if cfg.hash_dropout else nn.Dropout(cfg.dropout)
+
+
 class CausalSelfAttention(nn.Module):
   """Multi-head (or grouped-query) causal self-attention; scores and softmax in float32."""
   cfg: ModelConfig
@@ -234,7 +291,7 @@ class CausalSelfAttention(nn.Module):
       scores_BxGxRxLxS = jnp.where(visible_BxLxS[:, None, None], scores_BxGxRxLxS,
                                    jnp.finfo(jnp.float32).min)
     probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1)
-    probs_BxGxRxLxS = nn.Dropout(cfg.dropout)(probs_BxGxRxLxS, deterministic=not train)
+    probs_BxGxRxLxS = dropout(cfg)(probs_BxGxRxLxS, deterministic=not train)
     if cache is None:
       out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS.astype(v_BxSxGxK.dtype),
                                  v_BxSxGxK)
@@ -247,7 +304,7 @@ class CausalSelfAttention(nn.Module):
         kernel_init=_init(INIT_STD / math.sqrt(2 * cfg.n_layer),
                           (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
         bias_init=_zeros((axes.EMBED,)), name="out", **dense)(out_BxLxHxK)
-    return nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=not train), cache
+    return dropout(cfg)(out_BxLxD, deterministic=not train), cache
 
 
 class MLP(nn.Module):
@@ -272,7 +329,7 @@ class MLP(nn.Module):
                          kernel_init=_init(INIT_STD / math.sqrt(2 * cfg.n_layer),
                                            (axes.MLP, axes.EMBED)),
                          bias_init=_zeros((axes.EMBED,)), name="proj", **dense)(h_BxLxF)
-    return nn.Dropout(cfg.dropout)(out_BxLxD, deterministic=not train)
+    return dropout(cfg)(out_BxLxD, deterministic=not train)
 
 
 class Block(nn.Module):
@@ -332,7 +389,7 @@ class GPT(nn.Module):
         x_BxLxD = wte(tokens_BxL) + wpe(jnp.arange(L))[None]
       else:
         x_BxLxD = wte(tokens_BxL) + wpe(positions_BxL)
-    x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=not train)
+    x_BxLxD = dropout(cfg)(x_BxLxD, deterministic=not train)
     x_BxLxD = x_BxLxD.astype(DTYPES[cfg.dtype])
     block = Block
     if cfg.remat != "none":

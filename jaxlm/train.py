@@ -83,7 +83,7 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.M
       vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
       n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=d_ff,
       dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-      scan_layers=m.scan_layers, **arch)
+      scan_layers=m.scan_layers, hash_dropout=cfg.train.dropout_rng == "hash", **arch)
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -157,14 +157,15 @@ def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
 # split and folded with threefry): the masks of shakespeare_char_large took 0.33 instead of
 # 0.54 s per 25M on 2 CPU cores (8-14% faster steps); its bits may differ across backends and
 # XLA versions, so a run is reproducible on one platform only. unsafe_rbg also derives keys
-# with RngBitGenerator.
-DROPOUT_RNGS = ("threefry2x32", "rbg", "unsafe_rbg")
+# with RngBitGenerator. hash keeps threefry keys but turns each into a mask with a counter hash
+# that XLA fuses into the masked op (model.HashDropout): no mask is ever written to memory.
+DROPOUT_RNGS = ("threefry2x32", "rbg", "unsafe_rbg", "hash")
 
 
 def init_rngs(seed: int, dropout_rng: str = "threefry2x32") -> tuple[jax.Array, jax.Array]:
   """(init_rng, dropout_rng): the parameter init key and the base key of dropout."""
   init_rng, dropout_key = jax.random.split(jax.random.key(seed))
-  if dropout_rng != "threefry2x32":
+  if dropout_rng in ("rbg", "unsafe_rbg"):
     dropout_key = jax.random.key(seed, impl=dropout_rng)
   return init_rng, dropout_key
 

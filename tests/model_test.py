@@ -123,6 +123,48 @@ def test_dropout_is_active_only_in_training():
   assert not np.allclose(a, c)
 
 
+def test_hash_dropout_masks_are_uniform_and_independent():
+  """hash_bits against what iid uniform bits would give, at 5 standard errors."""
+  shape = (8, 4, 128, 256)  # 1M elements: [B, H, L, S] like attention probabilities.
+  n = math.prod(shape)
+  bits = np.asarray(model_lib.hash_bits(jax.random.key(0), shape))
+  other = np.asarray(model_lib.hash_bits(jax.random.key(1), shape))
+  assert np.array_equal(bits, np.asarray(model_lib.hash_bits(jax.random.key(0), shape)))
+  # Every one of the 32 bits is set half the time.
+  ones = np.stack([(bits >> i) & 1 for i in range(32)]).reshape(32, -1).mean(axis=1)
+  np.testing.assert_allclose(ones, 0.5, atol=5 * 0.5 / math.sqrt(n))
+  # Keep masks at rate 0.2: the rate, and no correlation with the neighbour along any axis,
+  # with the same position under another key, or between two rows of one head.
+  threshold = np.uint32(round(0.2 * 2**32))
+  keep, keep2 = (bits >= threshold).astype(np.float64), (other >= threshold).astype(np.float64)
+  assert abs(keep.mean() - 0.8) < 5 * math.sqrt(0.16 / n)
+
+  def corr(a, b):
+    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
+    return float((a * b).mean() / math.sqrt((a * a).mean() * (b * b).mean()))
+
+  for axis in range(4):
+    lo = np.take(keep, range(shape[axis] - 1), axis=axis)
+    hi = np.take(keep, range(1, shape[axis]), axis=axis)
+    assert abs(corr(lo, hi)) < 5 / math.sqrt(lo.size), axis
+  assert abs(corr(keep, keep2)) < 5 / math.sqrt(n)
+  rows = keep.reshape(-1, shape[-1])
+  assert abs(corr(rows[:-7], rows[7:])) < 5 / math.sqrt(rows[7:].size)
+
+
+def test_hash_dropout_scales_kept_values_and_backprops_the_mask():
+  x = jnp.linspace(1.0, 2.0, 4096).reshape(4, 1024)
+  drop = model_lib.HashDropout(0.25)
+  y = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+  kept = np.asarray(y) != 0
+  np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+  assert 0.70 < kept.mean() < 0.80
+  g = jax.grad(lambda x: drop.apply({}, x, deterministic=False,
+                                    rngs={"dropout": jax.random.key(3)}).sum())(x)
+  np.testing.assert_allclose(np.asarray(g), kept / 0.75, rtol=1e-6)
+  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
+
+
 def test_tiny_model_overfits_one_batch():
   model, params = make()
   tokens = jnp.asarray(np.random.default_rng(4).integers(0, 64, size=(4, 17)), jnp.int32)

@@ -33,9 +33,11 @@ def test_mesh_shape_fills_minus_one_and_rejects_bad_sizes():
     sharding.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
 
 
-def run_steps(mesh_shape, rules_name, n_steps=3, vocab=64, grad_accum=1, **model_overrides):
+def run_steps(mesh_shape, rules_name, n_steps=3, vocab=64, grad_accum=1, dropout_rng="",
+              **model_overrides):
   """A few training steps of the smoke model on a mesh; returns (losses, final state)."""
   cfg = load_config("smoke")
+  cfg.train.dropout_rng = dropout_rng or cfg.train.dropout_rng
   for k, v in model_overrides.items():
     cfg.model[k] = v
   model = model_lib.make_model(train.model_config(cfg, vocab))
@@ -77,6 +79,16 @@ def test_sharded_training_equals_one_device(mesh_shape, rules):
     assert query.sharding.spec[1] == "tensor"
     shard_shape = fc.sharding.shard_shape(fc.shape)
     assert shard_shape == (32 // mesh_shape[1], 128 // mesh_shape[2])
+
+
+@pytest.mark.parametrize("dropout_rng", ["threefry2x32", "hash"])
+def test_dropout_masks_do_not_depend_on_the_mesh(dropout_rng):
+  """Masks are functions of (key, global index): 8-way data + tensor sharding draws the same."""
+  ref_losses, _ = run_steps((1, 1, 1), "fsdp", dropout=0.3, dropout_rng=dropout_rng)
+  losses, _ = run_steps((2, 1, 4), "fsdp_tp", dropout=0.3, dropout_rng=dropout_rng)
+  no_dropout, _ = run_steps((1, 1, 1), "fsdp")
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert abs(losses[-1] - no_dropout[-1]) > 1e-3  # Dropout was on.
 
 
 def test_local_position_names_this_process_slice_of_the_mesh():

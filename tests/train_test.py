@@ -46,14 +46,15 @@ def test_train_step_is_pure_and_lowers_loss():
   assert float(m["loss"]) < float(m1["loss"]) - 0.5
 
 
-@pytest.mark.parametrize("dropout_rng", ["rbg", "unsafe_rbg"])
+@pytest.mark.parametrize("dropout_rng", ["rbg", "unsafe_rbg", "hash"])
 def test_faster_dropout_rngs_only_change_the_masks(dropout_rng):
-  """rbg draws other masks than threefry (deterministically); without dropout, nothing moves."""
+  """rbg and hash draw other masks than threefry (deterministically); without dropout, nothing
+  moves."""
   cfg = load_config("smoke")
   batch = random_batch(8, 16)
 
   def loss_after_one_step(dropout, impl):
-    cfg.model.dropout = dropout
+    cfg.model.dropout, cfg.train.dropout_rng = dropout, impl
     model, tx, state = tiny_state(cfg)
     _, rng = train.init_rngs(cfg.seed, impl)
     step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
