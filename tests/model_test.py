@@ -123,6 +123,25 @@ def test_dropout_is_active_only_in_training():
   assert not np.allclose(a, c)
 
 
+@pytest.mark.parametrize("x_shape, features, in_dims", [
+    ((4, 8, 12), (3, 5), 1),  # [B, L, D] -> [B, L, H, K]: the query projection.
+    ((4, 8, 3, 5), (12,), 2),  # [B, L, H, K] -> [B, L, D]: the output projection.
+    ((2, 4, 8, 12), (2, 3, 5), 1)])  # More leading dims; the key-value projection.
+def test_linear_matches_flax_dense_general(x_shape, features, in_dims):
+  """Linear: flax's parameters (same init), outputs and gradients to float32 rounding."""
+  init = dict(kernel_init=nn.initializers.normal(0.5), bias_init=nn.initializers.normal(0.5))
+  ours = model_lib.Linear(features, in_dims=in_dims, **init)
+  ref = nn.DenseGeneral(features, axis=tuple(range(-in_dims, 0)), **init)
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  params = ours.init(jax.random.key(1), x)
+  jax.tree.map(np.testing.assert_array_equal, params, ref.init(jax.random.key(1), x))
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  g = jax.random.normal(jax.random.key(2), x_shape[:-in_dims] + features)
+  grads = [jax.grad(lambda p, x, m=m: jnp.sum(m.apply(p, x) * g), argnums=(0, 1))(params, x)
+           for m in (ours, ref)]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *grads)
+
+
 def test_hash_dropout_masks_are_uniform_and_independent():
   """hash_bits against what iid uniform bits would give, at 5 standard errors."""
   shape = (8, 4, 128, 256)  # 1M elements: [B, H, L, S] like attention probabilities.
