@@ -18,6 +18,7 @@ done
 # The large experiment: XLA's flags and threefry masks, then each change, then no dropout.
 bench large_xla_defaults_threefry --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.xla_flags= --config.train.dropout_rng=threefry2x32
 bench large_threefry              --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.train.dropout_rng=threefry2x32
+bench large_rbg                   --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.train.dropout_rng=rbg
 bench large                       --config configs/shakespeare_char_large.py --steps 3
 bench large_no_dropout            --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.model.dropout=0.0
 # 8 fake CPU devices (the same 2 cores): the cost of partitioning, not a speed-up.
