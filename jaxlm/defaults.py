@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.remat = "none"  # Activation recomputation per block: none | full | dots.
   c.model.scan_layers = False  # nn.scan over blocks: compile time flat in depth.
+  # Training attention in blocks of this many query rows, each scoring only the keys up to its
+  # last row (the causal mask's upper triangle is skipped): the same math with fewer FLOPs and
+  # one more loop in the compiled step; 0 = the whole sequence at once. Helps on CPU.
+  c.model.attention_block = 0
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"  # adamw | lion | sgd

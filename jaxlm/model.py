@@ -70,6 +70,7 @@ class ModelConfig:
   # jax.random.bernoulli; train.dropout_rng = "hash" sets it.
   hash_dropout: bool = False
   scan_layers: bool = False  # One scanned block (params stacked on a `layers` axis).
+  attention_block: int = 0  # Training attention in query blocks of this many rows; 0 = one.
 
   def __post_init__(self):
     def fail(msg):
@@ -98,6 +99,8 @@ class ModelConfig:
     if self.position == "rope" and (self.head_dim % 2 or self.rope_theta <= 0):
       fail(f"rope needs an even head dim (d_model / n_head = {self.head_dim}) and "
            f"model.rope_theta > 0 (got {self.rope_theta})")
+    if self.attention_block < 0:
+      fail(f"model.attention_block must be >= 0 (0 = off), got {self.attention_block}")
     if self.remat not in REMAT_POLICIES:
       fail(f"model.remat={self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
 
@@ -339,11 +342,28 @@ class CausalSelfAttention(nn.Module):
       k_BxSxGxK = rope(k_BxSxGxK, positions_BxL, cfg.rope_theta)
     # Grouped-query attention: each of the G kv heads serves R = H // G query heads.
     q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
-    if cache is None:
-      scores_BxGxRxLxS = jnp.einsum("blgrk,bsgk->bgrls", q_BxLxGxRxK, k_BxSxGxK,
+
+    def attend(q_BxLxGxRxK, k, v, visible, kv_layout):
+      """softmax(q k^T / sqrt(K)) v over the keys `visible` lets each query see."""
+      scores_BxGxRxLxS = jnp.einsum(f"blgrk,{kv_layout}->bgrls", q_BxLxGxRxK, k,
                                     preferred_element_type=jnp.float32) / math.sqrt(K)
-      causal_LxS = jnp.tril(jnp.ones((L, L), dtype=bool))
-      scores_BxGxRxLxS = jnp.where(causal_LxS, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
+      scores_BxGxRxLxS = jnp.where(visible, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
+      probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1)
+      probs_BxGxRxLxS = dropout(cfg)(probs_BxGxRxLxS, deterministic=not train)
+      return jnp.einsum(f"bgrls,{kv_layout}->blgrk", probs_BxGxRxLxS.astype(v.dtype), v)
+
+    if cache is None:
+      # Causal: query t sees keys 0..t. With model.attention_block = C, queries go in blocks
+      # of C rows and each block computes scores only for the keys up to its last row, so the
+      # all-masked upper triangle is skipped: 5/8 of the score work for 4 blocks.
+      C = cfg.attention_block or L
+      outs = []
+      for start in range(0, L, C):
+        stop = min(start + C, L)
+        visible_LxS = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+        outs.append(attend(q_BxLxGxRxK[:, start:stop], k_BxSxGxK[:, :stop],
+                           v_BxSxGxK[:, :stop], visible_LxS, "bsgk"))
+      out_BxLxGxRxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     else:
       # Write the new keys/values (k_BxSxGxK holds the L new ones here) at their positions,
       # then attend over every slot up to each query's own position: later slots are stale or
@@ -352,20 +372,10 @@ class CausalSelfAttention(nn.Module):
       cache = LayerCache(
           k_BxGxSxK=cache.k_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(k_BxSxGxK),
           v_BxGxSxK=cache.v_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(v_BxSxGxK))
-      scores_BxGxRxLxS = jnp.einsum("blgrk,bgsk->bgrls", q_BxLxGxRxK, cache.k_BxGxSxK,
-                                    preferred_element_type=jnp.float32) / math.sqrt(K)
       S = cache.k_BxGxSxK.shape[2]
       visible_BxLxS = jnp.arange(S)[None, None, :] <= positions_BxL[:, :, None]
-      scores_BxGxRxLxS = jnp.where(visible_BxLxS[:, None, None], scores_BxGxRxLxS,
-                                   jnp.finfo(jnp.float32).min)
-    probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1)
-    probs_BxGxRxLxS = dropout(cfg)(probs_BxGxRxLxS, deterministic=not train)
-    if cache is None:
-      out_BxLxGxRxK = jnp.einsum("bgrls,bsgk->blgrk", probs_BxGxRxLxS.astype(v_BxSxGxK.dtype),
-                                 v_BxSxGxK)
-    else:
-      out_BxLxGxRxK = jnp.einsum("bgrls,bgsk->blgrk",
-                                 probs_BxGxRxLxS.astype(cache.v_BxGxSxK.dtype), cache.v_BxGxSxK)
+      out_BxLxGxRxK = attend(q_BxLxGxRxK, cache.k_BxGxSxK, cache.v_BxGxSxK,
+                             visible_BxLxS[:, None, None], "bgsk")
     out_BxLxHxK = out_BxLxGxRxK.reshape(B, L, H, K)
     out_BxLxD = Linear(
         (cfg.d_model,), in_dims=2,

@@ -83,7 +83,8 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.M
       vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
       n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=d_ff,
       dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
-      scan_layers=m.scan_layers, hash_dropout=cfg.train.dropout_rng == "hash", **arch)
+      scan_layers=m.scan_layers, attention_block=m.attention_block,
+      hash_dropout=cfg.train.dropout_rng == "hash", **arch)
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:

@@ -1,5 +1,6 @@
 """Model: shapes and dtypes, causality, init loss, logical axes on every parameter, overfitting."""
 
+import functools
 import math
 
 import flax.linen as nn
@@ -142,6 +143,23 @@ def test_linear_matches_flax_dense_general(x_shape, features, in_dims):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *grads)
 
 
+@pytest.mark.parametrize("block, n_kv_head", [(4, 0), (5, 0), (4, 2)])
+def test_attention_in_query_blocks_matches_the_whole_sequence(block, n_kv_head):
+  """attention_block only skips masked scores: logits and gradients as without it."""
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, 64, size=(2, 16)), jnp.int32)
+  whole, params = make(n_kv_head=n_kv_head)
+  blocked, _ = make(n_kv_head=n_kv_head, attention_block=block)
+
+  def loss(model, p):
+    return jnp.mean(model.apply({"params": p}, tokens) ** 2)
+
+  np.testing.assert_allclose(blocked.apply({"params": params}, tokens),
+                             whole.apply({"params": params}, tokens), rtol=1e-5, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               jax.grad(functools.partial(loss, blocked))(params),
+               jax.grad(functools.partial(loss, whole))(params))
+
+
 def test_hash_dropout_masks_are_uniform_and_independent():
   """hash_bits against what iid uniform bits would give, at 5 standard errors."""
   shape = (8, 4, 128, 256)  # 1M elements: [B, H, L, S] like attention probabilities.
@@ -212,6 +230,7 @@ def test_tiny_model_overfits_one_batch():
     (dict(n_kv_head=3), "not divisible by model.n_kv_head"),
     (dict(dtype="float64"), "model.dtype"),
     (dict(dropout=1.0), "dropout"),
+    (dict(attention_block=-1), "attention_block must be >= 0"),
 ])
 def test_bad_model_config_is_a_clear_error(overrides, message):
   with pytest.raises(JaxlmError, match=message):
