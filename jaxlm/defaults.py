@@ -15,7 +15,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0  # Seeds parameter init, the data order and dropout (each via its own stream).
   # XLA flags for this run (jaxlm train/bench put them in XLA_FLAGS; your own XLA_FLAGS win):
   # "auto" = the flags jaxlm measured to help with the installed jaxlib (jaxlm/xla.py says
-  # which and why; on jaxlib 0.10 CPU: no YNNPACK fusions, 2-11% faster steps), "" =
+  # which and why; on jaxlib 0.10 CPU: no YNNPACK fusions, 4-13% faster steps), "" =
   # none, or explicit "--xla_...=... --xla_...=...".
   c.xla_flags = "auto"
   # Persistent compilation cache of jaxlm train: a rerun loads its compiled programs instead

@@ -13,9 +13,9 @@ experiments/cpu_throughput/):
   peak here (0.31-0.37 TFLOP/s), but inside a transformer step YNNPACK is slower: its
   reductions (e.g. the softmax backward's row sums, ~1.2 ms per layer) and the transposed
   copies its dots need cost more than they save. Without it the default config steps in
-  34.0-34.8 ms instead of 37.3 ms (experiments/cpu_throughput/results.jsonl; 34.5-36.0 vs
-  35.7-36.5 ms in an earlier alternating run), and the large one in 12.3 s instead of 13.9 s
-  (11.1 vs 11.8 s earlier; 8.4 vs 9.3 s without dropout). Same
+  34.4-34.6 ms instead of 35.9-36.2 ms (experiments/cpu_throughput/results.jsonl; session 2's
+  run: 34.0-34.8 vs 37.3 ms), and the large one (threefry masks) in 7.7 s instead of 8.9 s
+  (session 2's model code: 12.3 vs 13.9 s; 8.4 vs 9.3 s without dropout). Same
   math: only which library sums the same numbers changes (tests/xla_test.py compares losses
   and parameters). MFU stays honest: the CPU peak is the best of both (jaxlm.metrics).
 """
