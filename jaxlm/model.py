@@ -292,7 +292,7 @@ class HashDropout(nn.Module):
 
   On CPU, masks from jax.random are an RNG kernel that writes 4 bytes per element and a
   select that reads them back; for the attention probabilities of shakespeare_char_large
-  (25M elements a layer) that was a fifth of the train step. The hash is ~15 integer ops
+  (25M elements a layer) that was a fifth of the train step. The hash is ~25 integer ops
   per element inside the softmax fusion. The drop probability is exact to 2**-32; the masks
   differ from jax.random's (tests/model_test.py checks their rate and independence).
   """

@@ -677,6 +677,8 @@ def load_run(workdir: str, step: int | str | None = None) -> Run:
 def evaluate_run(workdir: str, step: int | str | None = None,
                  eval_steps: int | None = None) -> dict[str, Any]:
   """Validation loss, perplexity and bits per token of a saved checkpoint."""
+  if eval_steps is not None and eval_steps < 1:
+    raise JaxlmError(f"--eval_steps must be >= 1, got {eval_steps}")
   run = load_run(workdir, step)
   cfg = run.cfg
   # Runs saved before data.vocab_size existed used no trained tokenizer.

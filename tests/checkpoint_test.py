@@ -218,6 +218,8 @@ def test_bad_checkpoint_inputs_are_one_line_errors_and_change_nothing(tmp_path):
   # A step that does not exist: list the ones that do.
   proc = run_jaxlm("eval", "--workdir", workdir, "--step", "3")
   assert_one_line_error(proc, "no checkpoint at step 3", "available steps: 5")
+  proc = run_jaxlm("eval", "--workdir", workdir, "--eval_steps", "0")
+  assert_one_line_error(proc, "--eval_steps must be >= 1, got 0")
 
   # No checkpoint at all.
   os.makedirs(tmp_path / "empty")
