@@ -23,8 +23,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxlm import allocator, metrics, optim, sample, sharding, train
 from jaxlm import data as data_lib
-from jaxlm import metrics, optim, sample, sharding, train
 from jaxlm import model as model_lib
 
 
@@ -136,6 +136,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
       "mfu": achieved / peak,
       "peak_memory_bytes": mem,
       "peak_memory_source": mem_source,
+      "host_allocator": allocator.loaded(),
       **(bench_sample(cfg, model, state.params) if sampling else {}),
       **({"profile": profile} if profile is not None else {}),
   }
@@ -258,7 +259,8 @@ def format_report(r: dict[str, Any]) -> str:
       f"TFLOP/s achieved",
       f"peak              {r['peak_tflops']:.3f} TFLOP/s ({r['peak_source']})",
       f"MFU               {100 * r['mfu']:.1f}%",
-      f"peak memory       {r['peak_memory_bytes'] / 2**20:,.0f} MiB ({r['peak_memory_source']})",
+      f"peak memory       {r['peak_memory_bytes'] / 2**20:,.0f} MiB ({r['peak_memory_source']}; "
+      f"malloc: {r['host_allocator']})",
       *([f"sampling          prefill {r['sample_prefill_tokens_per_sec']:,.0f} tokens/s, "
          f"decode {r['sample_decode_tokens_per_sec']:,.0f} tokens/s  (batch "
          f"{r['sample_batch']}, prompt {r['sample_prompt_tokens']}, "

@@ -20,9 +20,9 @@ import numpy as np
 import optax
 from absl import logging
 
+from jaxlm import allocator, evaluate, losses, metrics, optim, sample, sharding, tokenizers
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import data as data_lib
-from jaxlm import evaluate, losses, metrics, optim, sample, sharding, tokenizers
 from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
@@ -449,10 +449,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                f"{matmul_params(state.params):,}", flops_per_token, mcfg.n_layer,
                mcfg.d_model, mcfg.n_head, mcfg.block_size)
   logging.info("devices: %d x %s on %d process(es) | mesh %s | rules %s | batch %d global, "
-               "%d per process, %d tokens/step | peak %.1f TFLOP/s", jax.device_count(),
-               jax.devices()[0].device_kind, n_proc, dict(mesh.shape), cfg.mesh.rules,
-               cfg.train.batch_size, cfg.train.batch_size // n_proc, tokens_per_step,
-               peak_flops / 1e12)
+               "%d per process, %d tokens/step | peak %.1f TFLOP/s | malloc %s",
+               jax.device_count(), jax.devices()[0].device_kind, n_proc, dict(mesh.shape),
+               cfg.mesh.rules, cfg.train.batch_size, cfg.train.batch_size // n_proc,
+               tokens_per_step, peak_flops / 1e12, allocator.loaded())
 
   # --- Compile ahead of time, so errors and compile time show before the loop -----------------
   step = int(state.step)
