@@ -22,8 +22,10 @@ def get_config():
   # 5/8 of the score work; on 2 CPU cores 6.5 instead of 6.9 s per step (A/B in one process).
   c.model.attention_block = 64
   # Dropout masks from a counter hash that XLA fuses into the masked ops: on 2 CPU cores a step
-  # takes 6.6 s instead of 7.5 s with rbg masks and 7.7 s with threefry ones, which XLA writes
-  # to memory and reads back (25M per layer for the attention probabilities).
+  # takes 5.5-5.6 s instead of 6.2 s with rbg masks and 6.8 s with threefry ones, which XLA
+  # writes to memory and reads back (25M per layer for the attention probabilities). Those
+  # times are with tcmalloc (host_allocator=auto finds it where installed); with glibc's
+  # malloc the step takes 6.5-6.7 s (experiments/cpu_throughput/).
   c.train.dropout_rng = "hash"
 
   c.optim.lr = 1e-3

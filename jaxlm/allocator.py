@@ -6,9 +6,9 @@ large with mmap and gives it back with munmap, so every step touches 4.2 GB of f
 ~1.1M page faults, ~10% of the CPU time, all in the kernel. Telling glibc to keep the block
 (M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1, one arena) removes the faults but not the cost: its
 best-fit search (_int_malloc) then takes as long. tcmalloc and jemalloc (without decay) keep
-freed pages and hand them out again cheaply: the large step goes from ~6.4 to ~5.2-5.6 s
-(experiments/cpu_throughput/README.md). The price is resident memory: what a step freed stays
-mapped, so the process's peak RSS is about twice the temporaries instead of once.
+freed pages and hand them out again cheaply: the large step goes from 6.1-6.7 s to 5.4-5.7 s
+(jaxlm bench; experiments/cpu_throughput/README.md). The price is resident memory: what a
+step freed stays mapped, so the process's peak RSS is about twice the temporaries, not once.
 
 A malloc can only be swapped before the process starts (LD_PRELOAD), so `ensure` re-executes
 the jaxlm command once with the library preloaded; the re-executed process finds it loaded and

@@ -117,8 +117,9 @@ def cmd_train(argv: list[str]) -> None:
   _require(_CONFIG.value, "config")
   _require(_WORKDIR.value, "workdir")
   # Imported here so that `jaxlm --help` does not load jax.
-  from jaxlm import allocator, distributed, train, xla
+  from jaxlm import allocator
   allocator.ensure(_CONFIG.value.host_allocator)  # May restart this command, so first.
+  from jaxlm import distributed, train, xla
   xla.apply(_CONFIG.value.xla_flags)  # Both before anything touches a device.
   distributed.initialize(_CONFIG.value.distributed)
   xla.enable_compile_cache(_CONFIG.value.compile_cache)
@@ -232,8 +233,9 @@ def cmd_bench(argv: list[str]) -> None:
   _require(_CONFIG.value, "config")
   import json
 
-  from jaxlm import allocator, bench, distributed, workdir, xla
-  allocator.ensure(_CONFIG.value.host_allocator)
+  from jaxlm import allocator
+  allocator.ensure(_CONFIG.value.host_allocator)  # May restart this command, so first.
+  from jaxlm import bench, distributed, workdir, xla
   if _PROFILE.value:
     workdir.prepare(_PROFILE.value)  # A directory that cannot be made is one line, up front.
   xla.apply(_CONFIG.value.xla_flags)

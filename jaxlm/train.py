@@ -160,7 +160,8 @@ def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
 # is reproducible on one platform only. unsafe_rbg also derives keys with RngBitGenerator. hash
 # keeps threefry keys but turns each into a mask with a counter hash that XLA fuses into the
 # masked op (model.HashDropout): no mask is written to memory, and the bits are the same on
-# every mesh. shakespeare_char_large steps in 7.7 s (threefry), 7.5 s (rbg), 6.6 s (hash).
+# every mesh. shakespeare_char_large steps in 6.8 s (threefry), 6.2 s (rbg), 5.5-5.6 s (hash)
+# with tcmalloc; with glibc malloc 7.7, 7.5 and 6.6 s (experiments/cpu_throughput/).
 DROPOUT_RNGS = ("threefry2x32", "rbg", "unsafe_rbg", "hash")
 
 

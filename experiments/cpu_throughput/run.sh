@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Measures the numbers in README.md with `jaxlm bench` (run from the repository root).
+# The rows as configured use host_allocator=auto: tcmalloc here (apt install libtcmalloc-minimal4);
+# the *_system_malloc rows are the same runs with glibc's malloc.
 # Each line appends one JSON report to experiments/cpu_throughput/results.jsonl.
 set -euo pipefail
 out=experiments/cpu_throughput/results.jsonl
@@ -14,12 +16,16 @@ for i in 1 2; do
   bench default_k1_xla_defaults --config configs/shakespeare_char.py --steps 300 --nosampling --config.train.steps_per_call=1 --config.xla_flags=
   bench default_xla_defaults    --config configs/shakespeare_char.py --steps 300 --nosampling --config.xla_flags=
   bench default               --config configs/shakespeare_char.py --steps 300
+  bench default_system_malloc --config configs/shakespeare_char.py --steps 300 --nosampling --config.host_allocator=system
 done
 # The large experiment: XLA's flags and threefry masks, then each change, then no dropout.
 bench large_xla_defaults_threefry --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.xla_flags= --config.train.dropout_rng=threefry2x32
 bench large_threefry              --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.train.dropout_rng=threefry2x32
 bench large_rbg                   --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.train.dropout_rng=rbg
-bench large                       --config configs/shakespeare_char_large.py --steps 3
+for i in 1 2; do
+  bench large                     --config configs/shakespeare_char_large.py --steps 8
+  bench large_system_malloc       --config configs/shakespeare_char_large.py --steps 8 --nosampling --config.host_allocator=system
+done
 bench large_no_dropout            --config configs/shakespeare_char_large.py --steps 3 --nosampling --config.model.dropout=0.0
 # 8 fake CPU devices (the same 2 cores): the cost of partitioning, not a speed-up.
 XLA_FLAGS=--xla_force_host_platform_device_count=8 \
