@@ -13,9 +13,10 @@ experiments/cpu_throughput/):
   peak here (0.31-0.37 TFLOP/s), but inside a transformer step YNNPACK is slower: its
   reductions (e.g. the softmax backward's row sums, ~1.2 ms per layer) and the transposed
   copies its dots need cost more than they save. Without it the default config steps in
-  34.4-34.6 ms instead of 35.9-36.2 ms (experiments/cpu_throughput/results.jsonl; session 2's
-  run: 34.0-34.8 vs 37.3 ms), and the large one (threefry masks) in 7.7 s instead of 8.9 s
-  (session 2's model code: 12.3 vs 13.9 s; 8.4 vs 9.3 s without dropout). Same
+  34.4-34.6 ms instead of 35.9-36.2 ms (session 3's run; session 2's: 34.0-34.8 vs 37.3 ms),
+  and the large one (threefry masks) in 7.7 s instead of 8.9 s (session 2's model code: 12.3
+  vs 13.9 s). With tcmalloc (jaxlm.allocator) the gap is smaller: 30.7-31.6 vs 32.0-33.9 ms
+  and 6.78 vs 6.91 s (experiments/cpu_throughput/results.jsonl, session 4). Same
   math: only which library sums the same numbers changes (tests/xla_test.py compares losses
   and parameters). MFU stays honest: the CPU peak is the best of both (jaxlm.metrics).
 """

@@ -35,6 +35,8 @@ def test_values_resolve_to_a_library_or_the_system_malloc(tmp_path):
   assert allocator.resolve(str(lib)) == ("libfoo.so", str(lib))
   with pytest.raises(JaxlmError, match="no such file"):
     allocator.resolve(str(tmp_path / "missing.so"))
+  with pytest.raises(JaxlmError, match="not a file"):
+    allocator.resolve(str(tmp_path))
   with pytest.raises(JaxlmError, match="expected auto, system, tcmalloc, jemalloc"):
     allocator.resolve("glibc")
 
