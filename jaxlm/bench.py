@@ -23,20 +23,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxlm import allocator, metrics, optim, sample, sharding, train
-from jaxlm import data as data_lib
+from jaxlm import build as build_lib
+from jaxlm import config as config_lib
+from jaxlm import metrics, sample, sharding
 from jaxlm import model as model_lib
-
-
-def vocab_size(cfg: ml_collections.ConfigDict) -> int:
-  """The config's vocab size, or the tokenizer's when it is derived (0)."""
-  if cfg.model.vocab_size:
-    return cfg.model.vocab_size
-  dataset = data_lib.load_dataset(cfg.data.path, cfg.data.tokenizer,
-                                  val_fraction=cfg.data.val_fraction,
-                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir,
-                                  vocab_size=cfg.data.vocab_size)
-  return dataset.tokenizer.vocab_size
+from jaxlm.host import allocator
 
 
 def peak_memory_bytes() -> tuple[int, str]:
@@ -55,16 +46,10 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
   With `profile_dir`, also traces a few more calls and adds the ops that took the most time
   ("profile", see `profile_ops`).
   """
-  train.validate_config(cfg)
-  mcfg = train.model_config(cfg, vocab_size(cfg))
-  mesh = sharding.make_mesh(dict(cfg.mesh.items()))
-  rules = sharding.get_rules(cfg.mesh.rules)
-  model = model_lib.make_model(mcfg)
-  tx = optim.make_optimizer(cfg.optim, max(cfg.train.steps, 1))
-  fns = train.make_sharded_training(model, tx, mesh, rules, grad_accum=cfg.train.grad_accum,
-                                    z_loss=cfg.train.z_loss,
-                                    layer_stats=cfg.train.log_params_every)
-  state = fns.init(jax.random.key(cfg.seed))
+  config_lib.validate_config(cfg)
+  setup = build_lib.build(cfg, config_lib.resolve_vocab_size(cfg)[0])
+  mcfg, model, mesh, training = setup.mcfg, setup.model, setup.mesh, setup.training
+  state = training.init(setup.init_rng)
   n_proc = jax.process_count()
   tokens = np.random.default_rng(0).integers(0, mcfg.vocab_size, size=(
       cfg.train.batch_size // n_proc, mcfg.block_size + 1)).astype(np.int32)
@@ -72,17 +57,12 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
   # With train.steps_per_call = K, one call runs K steps (as the training loop does); times
   # below are per step, i.e. per call / K.
   per_call = cfg.train.steps_per_call
-  if per_call > 1:
-    stacked = {k: np.stack([v] * per_call) for k, v in host_batch.items()}
-    batch = sharding.host_to_global(stacked, fns.stacked_batch_sharding)
-    fn = fns.steps
-  else:
-    batch = sharding.host_to_global(host_batch, fns.batch_sharding)
-    fn = fns.step
-  _, rng = train.init_rngs(cfg.seed, cfg.train.dropout_rng)  # As training draws dropout.
+  stacked = {k: np.stack([v] * per_call) for k, v in host_batch.items()}
+  batch = sharding.host_to_global(stacked, training.batch_sharding)
+  rng = setup.dropout_rng  # As training draws dropout.
 
   t0 = time.perf_counter()
-  step_fn = fn.lower(state, batch, rng).compile()
+  step_fn = training.steps.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
 
   calls = max(1, steps // per_call)
@@ -105,7 +85,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
                                  calls=max(1, 10 // per_call),  # About 10 steps.
                                  steps_per_call=per_call)
 
-  n_matmul = train.matmul_params(jax.eval_shape(lambda: state.params))
+  n_matmul = model_lib.matmul_params(jax.eval_shape(lambda: state.params))
   flops_per_token = metrics.flops_per_token(n_matmul, mcfg.n_layer, mcfg.d_model,
                                             mcfg.block_size)
   tokens_per_step = cfg.train.batch_size * mcfg.block_size
@@ -117,7 +97,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
   return {
       "device": f"{jax.device_count()} x {device.device_kind}",
       "mesh": dict(mesh.shape),
-      "params": train.count_params(state.params),
+      "params": model_lib.count_params(state.params),
       "tokens_per_step": tokens_per_step,
       "steps_per_call": per_call,
       "compile_s": compile_s,
@@ -142,7 +122,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
   }
 
 
-def bench_sample(cfg: ml_collections.ConfigDict, model: model_lib.GPT,
+def bench_sample(cfg: ml_collections.ConfigDict, model: model_lib.DecoderLM,
                  params: Any) -> dict[str, Any]:
   """Prefill and decode speed of `jaxlm sample` with the config's sampling settings.
 
@@ -182,7 +162,7 @@ def _hlo_ops(hlo_text: str) -> dict[str, dict[str, str]]:
   """Instruction name -> {"kind", "source"} from the text of a compiled HLO module.
 
   kind is the opcode, or for a fusion the opcode of its root (dot, reduce, copy, ...); source
-  is the JAX op_name the instruction came from, e.g. jit(train_step)/jvp(GPT)/h_1/mlp/fc/...
+  is the JAX op_name the instruction came from, e.g. jit(train_step)/jvp(DecoderLM)/h_1/mlp/fc/...
   """
   roots = {}
   for m in re.finditer(r"^%(\S+) .*?\{\n(.*?)^\}", hlo_text, re.M | re.S):
@@ -200,7 +180,7 @@ def _hlo_ops(hlo_text: str) -> dict[str, dict[str, str]]:
 
 
 def _short_source(source: str) -> str:
-  """jit(train_step)/transpose(jvp(GPT))/h_3/attn/reduce_sum -> h_*/attn/reduce_sum (bwd)."""
+  """jit(train_step)/transpose(jvp(DecoderLM))/h_3/attn/reduce_sum -> h_*/attn/reduce_sum (bwd)."""
   backward = "transpose(" in source
   wrappers = ("jit(", "jvp(", "transpose(", "while", "body", "cond", "branch", "closed_call",
               "checkpoint", "remat")

@@ -117,12 +117,9 @@ def cmd_train(argv: list[str]) -> None:
   _require(_CONFIG.value, "config")
   _require(_WORKDIR.value, "workdir")
   # Imported here so that `jaxlm --help` does not load jax.
-  from jaxlm import allocator
-  allocator.ensure(_CONFIG.value.host_allocator)  # May restart this command, so first.
-  from jaxlm import distributed, train, xla
-  xla.apply(_CONFIG.value.xla_flags)  # Both before anything touches a device.
-  distributed.initialize(_CONFIG.value.distributed)
-  xla.enable_compile_cache(_CONFIG.value.compile_cache)
+  from jaxlm import host
+  host.prepare_process(_CONFIG.value)
+  from jaxlm import train
   train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
@@ -139,8 +136,8 @@ def _step_flag() -> int | str | None:
 def cmd_eval(argv: list[str]) -> None:
   del argv
   _require(_WORKDIR.value, "workdir")
-  from jaxlm import train
-  result = train.evaluate_run(_WORKDIR.value, step=_step_flag(), eval_steps=_EVAL_STEPS.value)
+  from jaxlm import runs
+  result = runs.evaluate_run(_WORKDIR.value, step=_step_flag(), eval_steps=_EVAL_STEPS.value)
   print(f"step {result['step']} | val loss {result['val/loss']:.4f} | val perplexity "
         f"{result['val/perplexity']:.3f} | val bits/token {result['val/bits_per_token']:.4f} | "
         f"{result['tokens']:,} tokens")
@@ -169,8 +166,8 @@ def cmd_sample(argv: list[str]) -> None:
   prompt = _read_prompt()
   import jax
 
-  from jaxlm import sample, train
-  run = train.load_run(_WORKDIR.value, step=_step_flag())
+  from jaxlm import runs, sample
+  run = runs.load_run(_WORKDIR.value, step=_step_flag())
   saved = run.cfg.sample
   choose = lambda flag, default: default if flag.value is None else flag.value
   settings = sample.SampleSettings(
@@ -233,13 +230,11 @@ def cmd_bench(argv: list[str]) -> None:
   _require(_CONFIG.value, "config")
   import json
 
-  from jaxlm import allocator
-  allocator.ensure(_CONFIG.value.host_allocator)  # May restart this command, so first.
-  from jaxlm import bench, distributed, workdir, xla
+  from jaxlm import host
+  host.prepare_process(_CONFIG.value, compile_cache=False)
+  from jaxlm import bench, workdir
   if _PROFILE.value:
     workdir.prepare(_PROFILE.value)  # A directory that cannot be made is one line, up front.
-  xla.apply(_CONFIG.value.xla_flags)
-  distributed.initialize(_CONFIG.value.distributed)
   report = bench.bench_train(_CONFIG.value, steps=_BENCH_STEPS.value,
                              profile_dir=_PROFILE.value, sampling=_SAMPLING.value)
   print(bench.format_report(report))
@@ -250,7 +245,7 @@ def cmd_bench(argv: list[str]) -> None:
 
 
 def cmd_launch(argv: list[str]) -> None:
-  from jaxlm import launch
+  from jaxlm.host import launch
   code = launch.launch_local(argv, num_processes=_NUM_PROCESSES.value,
                              devices_per_process=_DEVICES_PER_PROCESS.value,
                              timeout=_TIMEOUT.value, init_timeout=_INIT_TIMEOUT.value,
@@ -303,7 +298,7 @@ _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands instead of ru
 
 
 def cmd_tpu(argv: list[str]) -> None:
-  from jaxlm import tpu
+  from jaxlm.host import tpu
   tpu.main(argv[0] if argv else "", argv[1:], name=_TPU_NAME.value, zone=_TPU_ZONE.value,
            accelerator=_TPU_ACCELERATOR.value, version=_TPU_VERSION.value,
            spot=_TPU_SPOT.value, preemptible=_TPU_PREEMPTIBLE.value, queued=_TPU_QUEUED.value,

@@ -14,7 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds parameter init, the data order and dropout (each via its own stream).
   # XLA flags for this run (jaxlm train/bench put them in XLA_FLAGS; your own XLA_FLAGS win):
-  # "auto" = the flags jaxlm measured to help with the installed jaxlib (jaxlm/xla.py says
+  # "auto" = the flags jaxlm measured to help with the installed jaxlib (jaxlm/host/xla.py says
   # which and why; on jaxlib 0.10 CPU: no YNNPACK fusions, 4-13% faster steps), "" =
   # none, or explicit "--xla_...=... --xla_...=...".
   c.xla_flags = "auto"
@@ -25,7 +25,7 @@ def base_config() -> ml_collections.ConfigDict:
   # The process's malloc (jaxlm train and bench restart once with it preloaded): "auto" =
   # tcmalloc, else jemalloc, if installed (XLA:CPU's per-step temporaries then reuse their
   # pages instead of faulting in fresh ones: the large shakespeare step is 12-17% faster;
-  # jaxlm/allocator.py says why), else the system's; "system"; "tcmalloc"; "jemalloc"; or the
+  # jaxlm/host/allocator.py says why), else the system's; "system"; "tcmalloc"; "jemalloc"; or the
   # path of a malloc library.
   c.host_allocator = "auto"
 

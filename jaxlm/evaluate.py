@@ -18,7 +18,7 @@ PyTree = Any
 
 
 def eval_step(params: PyTree, batch: dict[str, jax.Array], *,
-              model: model_lib.GPT) -> dict[str, jax.Array]:
+              model: model_lib.DecoderLM) -> dict[str, jax.Array]:
   """Summed cross-entropy (nats) and token count of one batch; no dropout."""
   logits_BxLxV = model.apply({"params": params}, batch["inputs"], train=False)
   loss, aux = losses.cross_entropy(logits_BxLxV, batch["targets"], batch.get("loss_mask"))
@@ -26,7 +26,7 @@ def eval_step(params: PyTree, batch: dict[str, jax.Array], *,
 
 
 def eval_steps(params: PyTree, batches: dict[str, jax.Array], *,
-               model: model_lib.GPT) -> dict[str, jax.Array]:
+               model: model_lib.DecoderLM) -> dict[str, jax.Array]:
   """`eval_step` over a leading axis of N batches in one call (lax.scan), summed.
 
   One call and one host sync per evaluated split instead of N calls and N host-side adds; the

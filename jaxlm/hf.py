@@ -394,24 +394,9 @@ def _leaves(tree: Any) -> Iterator[np.ndarray]:
 
 def load_workdir(workdir: str) -> tuple[model_lib.ModelConfig, PyTree]:
   """ModelConfig and latest params of a jaxlm workdir (trained or imported)."""
-  import flax.linen as nn
-  import jax
-  import ml_collections
-
-  from jaxlm import sharding, train
-  path = workdir_lib.path(workdir) / "config.json"
-  if not path.is_file():
-    raise JaxlmError(f"no run in {workdir!r}: it has no config.json")
-  cfg = ml_collections.ConfigDict(json.loads(workdir_lib.read_text(path)))
-  if not cfg.model.vocab_size:
-    raise JaxlmError(f"{path} has no model.vocab_size")
-  mcfg = train.model_config(cfg, cfg.model.vocab_size)
-  model = model_lib.make_model(mcfg)
-  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-  boxed = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
-  target = train.with_shardings(nn.unbox(boxed), sharding.logical_shardings(
-      boxed, mesh, sharding.get_rules(cfg.mesh.rules)))
-  return mcfg, train.load_params(workdir, target)
+  from jaxlm import runs
+  run = runs.load_run(workdir, need_tokenizer=False)
+  return run.mcfg, run.params
 
 
 def _get(tree: PyTree, path: str) -> np.ndarray:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import workdir as workdir_lib
-from jaxlm import xla
+from jaxlm.host import xla
 
 # In a gs:// workdir, metrics.jsonl and TensorBoard events are uploaded (whole) at most this
 # often; a run killed without a chance to close loses at most this many seconds of records.
@@ -48,7 +48,7 @@ _measured_peak: dict[tuple[str, str], float] = {}
 def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "float32") -> float:
   """Peak FLOP/s of one device: the table above, else a matmul microbenchmark (cached).
 
-  When jaxlm changed XLA's flags for this run (jaxlm.xla), the matmul is also timed in a
+  When jaxlm changed XLA's flags for this run (jaxlm.host.xla), the matmul is also timed in a
   child process with XLA's own flags, and the faster of the two is the peak: the flags may
   make the model faster and a plain matmul slower, and MFU must not gain from that.
   """
@@ -145,7 +145,7 @@ def layer_stats(params: dict[str, Any], grads: dict[str, Any], updates: dict[str
     p_norm, u_norm = jnp.sqrt(parts["params"]), jnp.sqrt(parts["updates"])
     out[f"params/norm{suffix}"] = p_norm
     out[f"grads/norm{suffix}"] = jnp.sqrt(parts["grads"])
-    # The floor only matters for an all-zero layer, which GPT init never produces.
+    # The floor only matters for an all-zero layer, which the GPT-2 init never produces.
     out[f"update_ratio{suffix}"] = u_norm / jnp.maximum(p_norm, jnp.finfo(jnp.float32).tiny)
   return out
 

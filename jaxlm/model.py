@@ -437,8 +437,11 @@ class Block(nn.Module):
     return x_BxLxD, cache
 
 
-class GPT(nn.Module):
-  """tokens_BxL -> logits_BxLxV (float32); with a cache, -> (logits_BxLxV, updated cache)."""
+class DecoderLM(nn.Module):
+  """A decoder-only transformer LM (GPT-2 or LLaMA, by ModelConfig): tokens -> float32 logits.
+
+  tokens_BxL -> logits_BxLxV; with a cache, -> (logits_BxLxV, updated cache).
+  """
   cfg: ModelConfig
 
   @nn.compact
@@ -503,11 +506,20 @@ class GPT(nn.Module):
     return logits_BxLxV if cache is None else (logits_BxLxV, cache)
 
 
-def make_model(cfg: ModelConfig) -> GPT:
-  return GPT(cfg)
+def make_model(cfg: ModelConfig) -> DecoderLM:
+  return DecoderLM(cfg)
 
 
-def init_params(model: GPT, rng: jax.Array) -> PyTree:
+def init_params(model: DecoderLM, rng: jax.Array) -> PyTree:
   """Boxed params ({'wte': {'embedding': Partitioned}, ...}); train.py unboxes them."""
   tokens_1xL = jnp.zeros((1, model.cfg.block_size), dtype=jnp.int32)
   return model.init({"params": rng}, tokens_1xL, train=False)["params"]
+
+
+def count_params(params: PyTree) -> int:
+  return int(sum(math.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def matmul_params(params: PyTree) -> int:
+  """Parameters that take part in matmuls: all but the position embedding table."""
+  return count_params(params) - count_params(params.get("wpe", {}))

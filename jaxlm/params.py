@@ -21,9 +21,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxlm import axes, metrics, optim, sharding, train
-from jaxlm import data as data_lib
+from jaxlm import axes, metrics, runs, sharding
+from jaxlm import build as build_lib
+from jaxlm import config as config_lib
 from jaxlm import model as model_lib
+from jaxlm import step as step_lib
 from jaxlm.errors import JaxlmError
 
 PyTree = Any
@@ -262,19 +264,6 @@ def _mesh_ways(rules: sharding.Rules, mesh_sizes: dict[str, int], logical: str) 
 # The report for a config (no parameter is allocated).
 # ---------------------------------------------------------------------------------------------
 
-def resolve_vocab_size(cfg: ml_collections.ConfigDict) -> tuple[int, str]:
-  """(vocab size, where it came from); reads the corpus only for a char tokenizer and vocab 0."""
-  if cfg.model.vocab_size:
-    return cfg.model.vocab_size, "model.vocab_size"
-  if cfg.data.tokenizer == "byte":
-    return 256, "byte tokenizer"
-  dataset = data_lib.load_dataset(cfg.data.path, cfg.data.tokenizer,
-                                  val_fraction=cfg.data.val_fraction,
-                                  block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir,
-                                  vocab_size=cfg.data.vocab_size)
-  return dataset.tokenizer.vocab_size, f"{cfg.data.tokenizer} tokenizer on {dataset.source}"
-
-
 def _lookup(cfg: ml_collections.ConfigDict, dotted: str) -> Any:
   node = cfg
   for part in dotted.split("."):
@@ -294,22 +283,22 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
     peak_tflops: peak TFLOP/s of one device, for the step time at `mfu`; 0 = no estimate.
     device_memory_gib: memory of one device; 0 = no fit check.
   """
-  train.validate_config(cfg)
+  config_lib.validate_config(cfg)
   if not 0.0 < mfu <= 1.0:
     raise JaxlmError(f"--mfu must be in (0, 1], got {mfu}")
   if device:
     device, known_tflops, known_gib = device_spec(device)
     peak_tflops = peak_tflops or known_tflops
     device_memory_gib = device_memory_gib or known_gib
-  vocab_size, vocab_source = resolve_vocab_size(cfg)
-  mcfg = train.model_config(cfg, vocab_size)
+  vocab_size, vocab_source = config_lib.resolve_vocab_size(cfg)
+  recipe = build_lib.make_recipe(cfg, vocab_size)
+  mcfg = recipe.mcfg
   warnings: list[str] = []
 
   # --- Anatomy ---------------------------------------------------------------------------------
-  tx = optim.make_optimizer(cfg.optim, max(cfg.train.steps, 1))
-  model = model_lib.make_model(mcfg)
   abstract_state = jax.eval_shape(
-      functools.partial(train.init_boxed_state, model=model, tx=tx), jax.random.key(0))
+      functools.partial(step_lib.init_boxed_state, model=recipe.model, tx=recipe.tx),
+      jax.random.key(0))
   rows = tensors(abstract_state.params)
   total = sum(t.count for t in rows)
   formula = formula_param_counts(mcfg)
@@ -319,7 +308,7 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
   if formula["total"] != total:
     warnings.append(f"the analytic formula gives {formula['total']:,} parameters but the model "
                     f"has {total:,}: the formula is out of date with jaxlm/model.py")
-  n_matmul = train.matmul_params(nn.unbox(abstract_state.params))
+  n_matmul = model_lib.matmul_params(nn.unbox(abstract_state.params))
 
   # --- Memory ----------------------------------------------------------------------------------
   rules = sharding.get_rules(cfg.mesh.rules)
@@ -366,7 +355,7 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
 
   resolved = {"model.vocab_size": mcfg.vocab_size, "model.d_ff": mcfg.ff_dim,
               "model.n_kv_head": mcfg.kv_heads,
-              **{f"model.{k}": v for k, v in train.resolved_architecture(cfg.model).items()}}
+              **{f"model.{k}": v for k, v in config_lib.resolved_architecture(cfg.model).items()}}
   return {
       "config": config_path,
       "hyperparameters": {k: resolved.get(k, _lookup(cfg, k)) for k in SIZE_HYPERPARAMETERS},
@@ -416,13 +405,13 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
 # Drift from the random initialisation of a trained run.
 # ---------------------------------------------------------------------------------------------
 
-def initial_params(model: model_lib.GPT, seed: int) -> PyTree:
+def initial_params(model: model_lib.DecoderLM, seed: int) -> PyTree:
   """θ₀ of a run: the params `train.train_and_evaluate` starts from, bit for bit.
 
   Jitted like training's init: run op by op, the sampling and scaling round differently in the
   last bit, and θ − θ₀ of an untrained run would not be exactly zero.
   """
-  init_rng, _ = train.init_rngs(seed)
+  init_rng, _ = step_lib.init_rngs(seed)
   return jax.jit(lambda rng: nn.unbox(model_lib.init_params(model, rng)))(init_rng)
 
 
@@ -486,7 +475,7 @@ def drift_report(params: PyTree, params0: PyTree, *, scanned: bool = False) -> d
           "most_changed": [r["path"] for r in sorted(rows, key=lambda r: -r["delta_rms"])[:5]]}
 
 
-# The name model.GPT gives its stack of blocks under scan_layers (params [N, ...]).
+# The name model.DecoderLM gives its stack of blocks under scan_layers (params [N, ...]).
 SCANNED_STACK = "h"
 
 
@@ -508,7 +497,7 @@ def run_report(workdir: str, step: int | str | None = None) -> dict[str, Any]:
 
   `step`: a checkpoint step, 'best', or None / 'latest'.
   """
-  run = train.load_run(workdir, step)
+  run = runs.load_run(workdir, step)
   report = drift_report(run.params, initial_params(run.model, run.cfg.seed),
                         scanned=run.model.cfg.scan_layers)
   report.update(workdir=workdir, step=int(run.step), seed=run.cfg.seed,

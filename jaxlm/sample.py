@@ -181,7 +181,7 @@ def _slide_keep(settings: SampleSettings, cfg: model_lib.ModelConfig) -> int:
 
 
 def _encode_window(params: PyTree, tokens_BxT: jax.Array, start_B: jax.Array,
-                   end_B: jax.Array, width: int, *, model: model_lib.GPT,
+                   end_B: jax.Array, width: int, *, model: model_lib.DecoderLM,
                    vocab_size: int) -> tuple[jax.Array, model_lib.Cache]:
   """A fresh cache for tokens [start, end) of each row (end - start <= width), and the logits
   that follow the row's last token. Positions in the window start again at 0."""
@@ -197,7 +197,7 @@ def _encode_window(params: PyTree, tokens_BxT: jax.Array, start_B: jax.Array,
 
 
 def prefill(params: PyTree, prompt_BxP: jax.Array, prompt_lengths_B: jax.Array,
-            rng: jax.Array, *, model: model_lib.GPT, settings: SampleSettings) -> DecodeState:
+            rng: jax.Array, *, model: model_lib.DecoderLM, settings: SampleSettings) -> DecodeState:
   """Encodes the prompts (right-padded, lengths >= 1) in one forward pass."""
   cfg = model.cfg
   B, P = prompt_BxP.shape
@@ -213,7 +213,7 @@ def prefill(params: PyTree, prompt_BxP: jax.Array, prompt_lengths_B: jax.Array,
                      done_B=jnp.zeros((B,), bool), step=jnp.zeros((), jnp.int32), rng=rng)
 
 
-def decode(params: PyTree, state: DecodeState, num_steps: jax.Array, *, model: model_lib.GPT,
+def decode(params: PyTree, state: DecodeState, num_steps: jax.Array, *, model: model_lib.DecoderLM,
            settings: SampleSettings) -> DecodeState:
   """Up to `num_steps` more tokens (fewer at max_new_tokens, or once every row is done)."""
   cfg, s = model.cfg, settings
@@ -281,7 +281,7 @@ def new_tokens(state: DecodeState, max_new_tokens: int) -> tuple[jax.Array, jax.
   return jnp.where(valid_BxM, tokens_BxM, -1), counts_B
 
 
-def generate(params: PyTree, prompt_BxP: jax.Array, rng: jax.Array, *, model: model_lib.GPT,
+def generate(params: PyTree, prompt_BxP: jax.Array, rng: jax.Array, *, model: model_lib.DecoderLM,
              max_new_tokens: int, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
              end_token: int | None = None, slide_keep: int = 0,
              prompt_lengths_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -315,7 +315,7 @@ class Sampler:
   decode: Callable[[PyTree, DecodeState, jax.Array], DecodeState]
 
 
-def make_sampler(model: model_lib.GPT, settings: SampleSettings) -> Sampler:
+def make_sampler(model: model_lib.DecoderLM, settings: SampleSettings) -> Sampler:
   """Validates `settings` (JaxlmError) and jits prefill and decode for them: the jit boundary."""
   validate_settings(settings, model.cfg)
   return Sampler(

@@ -117,3 +117,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def host_to_global(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles each process' rows into one global array per key."""
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def with_shardings(abstract: PyTree, shardings: PyTree) -> PyTree:
+  """Abstract arrays (ShapeDtypeStruct) that carry the given shardings: an orbax restore target."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)

@@ -10,8 +10,8 @@ import sys
 import pytest
 from conftest import CONFIGS, assert_one_line_error, run_jaxlm
 
-from jaxlm import allocator
 from jaxlm.errors import JaxlmError
+from jaxlm.host import allocator
 
 
 def test_values_resolve_to_a_library_or_the_system_malloc(tmp_path):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,9 @@ import pytest
 from conftest import CONFIGS, assert_one_line_error, load_config, run_jaxlm, start_jaxlm
 
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import sharding, train
+from jaxlm import config as config_lib
+from jaxlm import model as model_lib
+from jaxlm import runs, sharding, train
 from jaxlm.errors import JaxlmError
 
 SMOKE = os.path.join(CONFIGS, "smoke.py")
@@ -31,7 +34,7 @@ def losses_after(records, step):
 
 
 def final_params(workdir):
-  return train.load_run(workdir).params
+  return runs.load_run(workdir).params
 
 
 def smoke(**overrides):
@@ -77,14 +80,14 @@ def test_checkpoints_keep_latest_k_plus_best(tmp_path):
 @pytest.mark.parametrize("save_devices, restore_devices", [(8, 1), (1, 8)])
 def test_restore_onto_a_different_device_count(tmp_path, save_devices, restore_devices):
   cfg = load_config("smoke")
-  model = train.model_lib.make_model(train.model_config(cfg, 65))
+  model = model_lib.make_model(config_lib.model_config(cfg, 65))
   rules = sharding.get_rules("fsdp")
 
   def mesh_of(n):
     return sharding.make_mesh({"data": 1, "fsdp": n, "tensor": 1}, jax.devices()[:n])
 
-  target_save = train.abstract_params(model, mesh_of(save_devices), rules)
-  params = jax.jit(lambda r: train.nn.unbox(train.model_lib.init_params(model, r)),
+  target_save = runs.abstract_params(model, mesh_of(save_devices), rules)
+  params = jax.jit(lambda r: nn.unbox(model_lib.init_params(model, r)),
                    out_shardings=jax.tree.map(lambda a: a.sharding, target_save))(
                        jax.random.key(0))
   kernel = params["h_0"]["mlp"]["fc"]["kernel"]
@@ -92,7 +95,7 @@ def test_restore_onto_a_different_device_count(tmp_path, save_devices, restore_d
   ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"))
   ckpt.save(0, {"params": params}, {})
   ckpt.wait()
-  target = train.abstract_params(model, mesh_of(restore_devices), rules)
+  target = runs.abstract_params(model, mesh_of(restore_devices), rules)
   restored = ckpt.restore(0, {"params": target})["params"]
   ckpt.close()
   restored_kernel = restored["h_0"]["mlp"]["fc"]["kernel"]
@@ -233,7 +236,7 @@ def test_init_from_fine_tunes_from_another_runs_params(tmp_path):
   source = trained_smoke(tmp_path, "source")
   tuned = trained_smoke(tmp_path, "tuned", f"--config.train.init_from={source}",
                         "--config.train.stop_at=0", "--config.train.steps=0")
-  a, b = train.load_run(source).params, train.load_run(tuned).params
+  a, b = runs.load_run(source).params, runs.load_run(tuned).params
   jax.tree.map(np.testing.assert_array_equal, a, b)  # Step 0 of the new run = the source.
 
 

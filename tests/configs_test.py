@@ -7,8 +7,8 @@ import jax
 import pytest
 from conftest import CONFIGS, load_config
 
+from jaxlm import config as config_lib
 from jaxlm import model as model_lib
-from jaxlm import train
 
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, "*.py")))
 
@@ -20,8 +20,8 @@ def test_there_are_configs():
 @pytest.mark.parametrize("name", NAMES)
 def test_config_loads_and_builds_abstract_params(name):
   cfg = load_config(name)
-  train.validate_config(cfg)
-  mcfg = train.model_config(cfg, vocab_size=65)
+  config_lib.validate_config(cfg)
+  mcfg = config_lib.model_config(cfg, vocab_size=65)
   model = model_lib.make_model(mcfg)
   abstract = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
   n = sum(x.value.size for x in jax.tree.leaves(
@@ -63,7 +63,7 @@ def test_sweep_file_loads_and_every_trial_is_valid(name):
   assert f"jaxlm sweep --config configs/sweeps/{name}.py" in source and "Expected" in source
   cfg = sweep.load_module(path).get_config()
   cfg.lock()
-  train.validate_config(cfg)
+  config_lib.validate_config(cfg)
   plan = sweep.prepare(path, cfg, {})
   if plan.trials is not None:
     assert plan.trials and all(spec.error is None for spec in plan.trials)

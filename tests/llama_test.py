@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import load_config, random_model
 
+from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import model as model_lib
 from jaxlm import params as params_lib
@@ -86,15 +87,15 @@ def test_llama_parameter_paths():
 def test_family_presets_and_overrides():
   cfg = load_config("smoke")
   cfg.model.family = "llama"
-  m = train.model_config(cfg, 65)
+  m = config_lib.model_config(cfg, 65)
   assert (m.norm, m.position, m.mlp, m.bias, m.tie_embeddings) == (
       "rmsnorm", "rope", "swiglu", False, False)
-  assert m.ff_dim == train.llama_ff_dim(cfg.model.d_model)
-  assert train.llama_ff_dim(4096) == 11008  # LLaMA 1/2 7B.
+  assert m.ff_dim == config_lib.llama_ff_dim(cfg.model.d_model)
+  assert config_lib.llama_ff_dim(4096) == 11008  # LLaMA 1/2 7B.
   cfg.model.norm, cfg.model.bias, cfg.model.position = "layernorm", True, "learned"
-  m = train.model_config(cfg, 65)
+  m = config_lib.model_config(cfg, 65)
   assert (m.norm, m.position, m.mlp, m.bias) == ("layernorm", "learned", "swiglu", True)
-  gpt = train.model_config(load_config("smoke"), 65)
+  gpt = config_lib.model_config(load_config("smoke"), 65)
   assert (gpt.norm, gpt.position, gpt.mlp, gpt.bias, gpt.tie_embeddings) == (
       "layernorm", "learned", "gelu", True, True)
 

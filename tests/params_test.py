@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 from conftest import CONFIGS, REPO, load_config
 
+from jaxlm import build as build_lib
+from jaxlm import config as config_lib
 from jaxlm import metrics, optim, params, sharding, train
 from jaxlm import model as model_lib
+from jaxlm import step as step_lib
 from jaxlm.errors import JaxlmError
 
 
@@ -29,10 +32,10 @@ def report_for(name, n_devices=8, **overrides):
 
 
 def smoke_state(cfg):
-  model = model_lib.make_model(train.model_config(cfg, 65))
+  model = model_lib.make_model(config_lib.model_config(cfg, 65))
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   # Jitted: op-by-op init of even a tiny model takes seconds.
-  init = jax.jit(lambda r: nn.unbox(train.init_boxed_state(r, model=model, tx=tx)))
+  init = jax.jit(lambda r: nn.unbox(step_lib.init_boxed_state(r, model=model, tx=tx)))
   return model, tx, init(jax.random.key(0))
 
 
@@ -153,7 +156,7 @@ def test_fsdp_shards_params_and_optimizer_state_per_device():
 def test_activation_estimate_by_hand():
   # smoke, float32 (c = 4): per block c·(6·32 + 2·32 + 2·128) + 4·H·T = 2048 + 256 = 2304;
   # two blocks 4608; once per token 2·D·c + 2·4·V = 256 + 520 = 776; total 5384 bytes.
-  mcfg = train.model_config(load_config("smoke"), 65)
+  mcfg = config_lib.model_config(load_config("smoke"), 65)
   assert params.activation_bytes_per_token(mcfg) == 5384
   # model.remat keeps less per block, plus one block's full activations during recomputation:
   # "full" the block input (D·c = 128 bytes); "dots" also q, k/v, both projections and fc,
@@ -205,7 +208,7 @@ def test_layer_stats_from_inside_the_step_equal_host_norms(scan_layers):
   cfg = load_config("smoke")
   cfg.model.scan_layers = scan_layers
   model, tx, state = smoke_state(cfg)
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx, layer_stats=True))
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, layer_stats=True))
   batch, rng = random_batch(8, 16), jax.random.key(1)
   for _ in range(3):  # Past warmup's lr = 0 at step 0, so the updates are not zero.
     old = state
@@ -216,7 +219,7 @@ def test_layer_stats_from_inside_the_step_equal_host_norms(scan_layers):
     return math.sqrt(sum(float(np.sum(np.square(np.asarray(x, np.float64))))
                          for x in jax.tree.leaves(tree)))
 
-  grads = jax.jit(jax.grad(lambda p: train.loss_fn(
+  grads = jax.jit(jax.grad(lambda p: step_lib.loss_fn(
       p, batch, jax.random.fold_in(rng, 2), model=model, z_loss=0.0)[0]))(old.params)
   new_layers, old_layers = per_layer(state.params, scan_layers), per_layer(old.params, scan_layers)
   grad_layers = per_layer(grads, scan_layers)
@@ -239,12 +242,12 @@ def test_layer_stats_from_inside_the_step_equal_host_norms(scan_layers):
 def test_layer_stats_are_off_by_default_and_validated():
   cfg = load_config("smoke")
   model, tx, state = smoke_state(cfg)
-  _, m = jax.jit(functools.partial(train.train_step, model=model, tx=tx))(
+  _, m = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx))(
       state, random_batch(8, 16), jax.random.key(1))
   assert set(m) == {"loss", "grad_norm", "param_norm"}
   cfg.train.log_params_every = 7  # log_every is 5.
   with pytest.raises(JaxlmError, match="log_params_every=7 must be 0 .* multiple of"):
-    train.validate_config(cfg)
+    config_lib.validate_config(cfg)
 
 
 @pytest.mark.slow
@@ -267,12 +270,12 @@ def test_training_writes_layer_stats_on_their_steps(tmp_path):
 def smoke_model_and_init(seed=0, scan_layers=False):
   cfg = load_config("smoke")
   cfg.model.scan_layers = scan_layers
-  model = model_lib.make_model(train.model_config(cfg, 65))
+  model = model_lib.make_model(config_lib.model_config(cfg, 65))
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
   # The init exactly as train_and_evaluate builds it: jitted, created sharded on an FSDP mesh.
   mesh = sharding.make_mesh({"data": 2, "fsdp": 4, "tensor": 1})
-  fns = train.make_sharded_training(model, tx, mesh, sharding.get_rules("fsdp"))
-  return model, tx, fns.init(train.init_rngs(seed)[0])
+  training = build_lib.make_sharded_training(model, tx, mesh, sharding.get_rules("fsdp"))
+  return model, tx, training.init(step_lib.init_rngs(seed)[0])
 
 
 def test_drift_is_exactly_zero_at_init():
@@ -297,7 +300,7 @@ def test_drift_is_exactly_zero_at_init():
 def test_drift_grows_during_a_short_run(tmp_path):
   model, tx, state = smoke_model_and_init()
   params0 = params.initial_params(model, seed=0)
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx))
   batch, rng = random_batch(8, 16), jax.random.key(1)
   drifts = []
   for n in range(12):

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 from conftest import CONFIGS, REPO, jaxlm_script, load_config, run_jaxlm
 
-from jaxlm import axes, data, optim, sharding, train
-from jaxlm import launch as launch_lib
+from jaxlm import axes, data, optim, sharding
+from jaxlm import build as build_lib
+from jaxlm import config as config_lib
 from jaxlm import model as model_lib
+from jaxlm import step as step_lib
 from jaxlm.errors import JaxlmError
+from jaxlm.host import launch as launch_lib
 
 SMOKE = os.path.join(CONFIGS, "smoke.py")
 
@@ -40,21 +43,22 @@ def run_steps(mesh_shape, rules_name, n_steps=3, vocab=64, grad_accum=1, dropout
   cfg.train.dropout_rng = dropout_rng or cfg.train.dropout_rng
   for k, v in model_overrides.items():
     cfg.model[k] = v
-  model = model_lib.make_model(train.model_config(cfg, vocab))
+  model = model_lib.make_model(config_lib.model_config(cfg, vocab))
   tx = optim.make_optimizer(cfg.optim, 10)
   n = math.prod(mesh_shape)
   mesh = sharding.make_mesh(dict(zip(axes.MESH_AXES, mesh_shape, strict=True)),
                             jax.devices()[:n])
-  fns = train.make_sharded_training(model, tx, mesh, sharding.get_rules(rules_name),
-                                    grad_accum=grad_accum)
-  state = fns.init(jax.random.key(0))
+  training = build_lib.make_sharded_training(model, tx, mesh, sharding.get_rules(rules_name),
+                                             grad_accum=grad_accum)
+  state = training.init(jax.random.key(0))
   tokens = np.random.default_rng(0).integers(0, vocab, size=5000).astype(np.uint16)
   losses = []
   for s in range(n_steps):
     batch = data.get_batch(tokens, seed=0, step=s, batch_size=8, block_size=16)
-    state, m = fns.step(state, sharding.host_to_global(batch, fns.batch_sharding),
-                        jax.random.key(1))
-    losses.append(float(m["loss"]))
+    stacked = {k: v[None] for k, v in batch.items()}  # One step per call.
+    state, m = training.steps(state, sharding.host_to_global(stacked, training.batch_sharding),
+                              jax.random.key(1))
+    losses.append(float(m["loss"][0]))
   return losses, state
 
 
@@ -114,7 +118,7 @@ def test_scan_over_layers_gives_the_same_loss_as_unrolled():
   stacked["h"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"h_{i}"] for i in range(3)])
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 17)), jnp.int32)
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
-  loss = functools.partial(train.loss_fn, batch=batch, rng=jax.random.key(0), z_loss=0.0)
+  loss = functools.partial(step_lib.loss_fn, batch=batch, rng=jax.random.key(0), z_loss=0.0)
   (a, _), (b, _) = loss(params, model=unrolled), loss(stacked, model=scanned)
   np.testing.assert_allclose(a, b, rtol=1e-6)
   # And the scanned stack is annotated for sharding along its new leading axis.
@@ -133,7 +137,7 @@ def test_remat_gives_the_same_gradients(policy, scan):
   batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
 
   def grads(model):
-    fn = functools.partial(train.loss_fn, batch=batch, rng=jax.random.key(0), model=model,
+    fn = functools.partial(step_lib.loss_fn, batch=batch, rng=jax.random.key(0), model=model,
                            z_loss=0.0)
     return jax.jit(jax.grad(lambda p: fn(p)[0]))(params)
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO, assert_one_line_error, run_jaxlm
 
-from jaxlm import tpu
+from jaxlm.host import tpu
 
 V4_8 = ["--tpu_name=lm1", "--tpu_zone=us-central2-b", "--tpu_accelerator=v4-8"]
 V4_32 = ["--tpu_name=lm32", "--tpu_zone=us-central2-b", "--tpu_accelerator=v4-32"]

@@ -12,15 +12,17 @@ import numpy as np
 import pytest
 from conftest import load_config
 
+from jaxlm import config as config_lib
 from jaxlm import model as model_lib
 from jaxlm import optim, train
+from jaxlm import step as step_lib
 from jaxlm.errors import JaxlmError
 
 
 def tiny_state(cfg, vocab_size=65):
-  model = model_lib.make_model(train.model_config(cfg, vocab_size))
+  model = model_lib.make_model(config_lib.model_config(cfg, vocab_size))
   tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-  state = nn.unbox(train.init_boxed_state(jax.random.key(0), model=model, tx=tx))
+  state = nn.unbox(step_lib.init_boxed_state(jax.random.key(0), model=model, tx=tx))
   return model, tx, state
 
 
@@ -33,7 +35,7 @@ def random_batch(batch_size, length, vocab=65, seed=0):
 def test_train_step_is_pure_and_lowers_loss():
   cfg = load_config("smoke")
   model, tx, state = tiny_state(cfg)
-  step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+  step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx))
   batch = random_batch(8, 16)
   rng = jax.random.key(1)
   s1, m1 = step(state, batch, rng)
@@ -56,8 +58,8 @@ def test_faster_dropout_rngs_only_change_the_masks(dropout_rng):
   def loss_after_one_step(dropout, impl):
     cfg.model.dropout, cfg.train.dropout_rng = dropout, impl
     model, tx, state = tiny_state(cfg)
-    _, rng = train.init_rngs(cfg.seed, impl)
-    step = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+    _, rng = step_lib.init_rngs(cfg.seed, impl)
+    step = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx))
     return float(step(state, batch, rng)[1]["loss"])
 
   fast = loss_after_one_step(0.2, dropout_rng)
@@ -82,8 +84,8 @@ def test_gradient_accumulation_equals_one_full_batch():
   cfg = load_config("smoke")
   model, tx, state = tiny_state(cfg)
   batch = random_batch(8, 16, seed=3)
-  full = jax.jit(functools.partial(train.train_step, model=model, tx=tx, grad_accum=1))
-  accum = jax.jit(functools.partial(train.train_step, model=model, tx=tx, grad_accum=4))
+  full = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, grad_accum=1))
+  accum = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx, grad_accum=4))
   rng = jax.random.key(0)
   s_full, m_full = full(state, batch, rng)
   s_acc, m_acc = accum(state, batch, rng)
@@ -142,7 +144,7 @@ def test_validate_config_rejects_impossible_values(key, value, message):
   section, name = key.split(".")
   cfg[section][name] = value
   with pytest.raises(JaxlmError, match=message):
-    train.validate_config(cfg)
+    config_lib.validate_config(cfg)
 
 
 def test_batch_not_divisible_by_devices(tmp_path):
@@ -165,13 +167,13 @@ def test_several_steps_per_call_equal_single_steps():
   model, tx, state = tiny_state(cfg)
   batches = [random_batch(8, 16, seed=s) for s in range(4)]
   rng = jax.random.key(2)
-  single = jax.jit(functools.partial(train.train_step, model=model, tx=tx))
+  single = jax.jit(functools.partial(step_lib.train_step, model=model, tx=tx))
   s1, losses = state, []
   for b in batches:
     s1, m = single(s1, b, rng)
     losses.append(float(m["loss"]))
   stacked = {k: jnp.stack([b[k] for b in batches]) for k in batches[0]}
-  multi = jax.jit(functools.partial(train.train_steps, model=model, tx=tx))
+  multi = jax.jit(functools.partial(step_lib.train_steps, model=model, tx=tx))
   s4, m4 = multi(state, stacked, rng)
   assert m4["loss"].shape == (4,) and int(s4.step) == 4
   # A scan body may fuse differently from the standalone step: tolerance 1e-6 (float32).

@@ -20,7 +20,7 @@ import pytest
 from conftest import CONFIGS, assert_one_line_error, load_config, run_jaxlm
 
 from jaxlm import checkpoint as checkpoint_lib
-from jaxlm import metrics, sample, sweep, tokenizers, train
+from jaxlm import metrics, runs, sample, sweep, tokenizers, train
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
@@ -289,10 +289,10 @@ def test_train_stop_and_resume_on_gs_equals_an_uninterrupted_local_run(gcs, tmp_
   assert samples.count("== step 20 ==") == 1 and "== step 10 ==" in samples
   assert len(list((p / "events").iterdir())) == 2  # One event file per attempt.
 
-  run = train.load_run(remote)
+  run = runs.load_run(remote)
   assert run.step == 20
-  jax.tree.map(np.testing.assert_array_equal, run.params, train.load_run(local).params)
-  assert train.evaluate_run(remote, step="best")["val/loss"] < math.log(65)
+  jax.tree.map(np.testing.assert_array_equal, run.params, runs.load_run(local).params)
+  assert runs.evaluate_run(remote, step="best")["val/loss"] < math.log(65)
 
 
 

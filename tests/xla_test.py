@@ -10,8 +10,8 @@ import jaxlib
 import pytest
 from conftest import CONFIGS, REPO, assert_one_line_error, run_jaxlm
 
-from jaxlm import xla
 from jaxlm.errors import JaxlmError
+from jaxlm.host import xla
 
 
 def test_resolve_auto_empty_and_explicit_flags():
@@ -39,25 +39,26 @@ def test_user_flags_win_and_a_started_backend_is_left_alone(monkeypatch):
 # compiled step still contains YNNPACK fusions.
 STEP_SCRIPT = """
 import json, sys
-from jaxlm import xla
+from jaxlm.host import xla
 added = xla.apply(sys.argv[1])
 import jax, numpy as np
-from jaxlm import optim, sharding, train
+from jaxlm import build as build_lib
+from jaxlm import optim, sharding
 from jaxlm import model as model_lib
 mcfg = model_lib.ModelConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, d_model=128)
 model = model_lib.make_model(mcfg)
 opt = optim.make_optimizer(__import__("jaxlm.defaults").defaults.base_config().optim, 100)
 mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
-fns = train.make_sharded_training(model, opt, mesh, sharding.get_rules("fsdp"))
-state = fns.init(jax.random.key(0))
-tokens = np.random.default_rng(0).integers(0, 65, (12, 65)).astype(np.int32)
-batch = sharding.host_to_global({"inputs": tokens[:, :-1], "targets": tokens[:, 1:]},
-                                fns.batch_sharding)
-step = fns.step.lower(state, batch, jax.random.key(1)).compile()
+training = build_lib.make_sharded_training(model, opt, mesh, sharding.get_rules("fsdp"))
+state = training.init(jax.random.key(0))
+tokens = np.random.default_rng(0).integers(0, 65, (1, 12, 65)).astype(np.int32)
+batch = sharding.host_to_global({"inputs": tokens[..., :-1], "targets": tokens[..., 1:]},
+                                training.batch_sharding)
+step = training.steps.lower(state, batch, jax.random.key(1)).compile()
 for _ in range(3):
   state, m = step(state, batch, jax.random.key(1))
 leaves = [np.asarray(x, np.float64) for x in jax.tree.leaves(state.params)]
-print(json.dumps({"added": added, "loss": float(m["loss"]),
+print(json.dumps({"added": added, "loss": float(m["loss"][0]),
                   "param_sum": float(sum(np.sum(np.abs(x)) for x in leaves)),
                   "ynn": "__ynn_fusion" in step.as_text()}))
 """

@@ -20,8 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import config as config_lib
 from jaxlm import model as model_lib
-from jaxlm import sample, train
+from jaxlm import sample
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VOCAB = 65  # tiny-shakespeare's character vocabulary.
@@ -82,12 +83,12 @@ def main() -> None:
   args = parser.parse_args()
 
   cfg = load_config(args.config)
-  model = model_lib.make_model(train.model_config(cfg, VOCAB))
+  model = model_lib.make_model(config_lib.model_config(cfg, VOCAB))
   params = jax.jit(lambda r: nn.unbox(model_lib.init_params(model, r)))(jax.random.key(0))
   prompt_BxP = np.tile(np.array([[18, 27, 25, 17, 27, 10]], np.int32), (args.batch, 1))
   rng = jax.random.key(0)
   n = args.new_tokens
-  print(f"{args.config}: {train.count_params(params):,} params, block {model.cfg.block_size}, "
+  print(f"{args.config}: {model_lib.count_params(params):,} params, block {model.cfg.block_size}, "
         f"batch {args.batch}, prompt {prompt_BxP.shape[1]} tokens, {n} new tokens, "
         f"{jax.devices()[0].device_kind} x {jax.device_count()}, {os.cpu_count()} CPUs")
 

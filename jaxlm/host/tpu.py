@@ -241,7 +241,7 @@ def setup_commands(s: Slice, setup: Setup) -> list[list[str]]:
 
 def start_command(s: Slice, argv: Sequence[str]) -> list[str]:
   """Starts `jaxlm ARGV` in the background on every worker at once, logging to LOG there."""
-  # Multi-host slices: every worker joins one JAX cluster (see jaxlm/distributed.py).
+  # Multi-host slices: every worker joins one JAX cluster (see jaxlm/host/distributed.py).
   env = "JAXLM_DISTRIBUTED=1 " if s.hosts > 1 else ""
   script = (f"cd {CODE} || exit 1; "
             f'if kill -0 "$(cat {PID} 2>/dev/null)" 2>/dev/null; then '

@@ -1,0 +1,139 @@
+"""A config's derived pieces, checked before any device or compilation: presets, ModelConfig.
+
+Everything a command needs from an experiment config before it builds anything lives here, so
+`params`, `bench`, `hf`, `sweep` and the training loop share one reading of it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from jaxlm import data as data_lib
+from jaxlm import model as model_lib
+from jaxlm import optim, sharding, tokenizers
+from jaxlm import workdir as workdir_lib
+from jaxlm.errors import JaxlmError
+
+# What model.family fills in for each architecture key left at its "" / None / 0 default.
+FAMILY_PRESETS = {
+    "gpt2": dict(norm="layernorm", position="learned", mlp="gelu", bias=True,
+                 tie_embeddings=True, rope_theta=10000.0, norm_eps=1e-5),
+    "llama": dict(norm="rmsnorm", position="rope", mlp="swiglu", bias=False,
+                  tie_embeddings=False, rope_theta=10000.0, norm_eps=1e-5),
+}
+FAMILIES = tuple(FAMILY_PRESETS)
+PRESET_KEYS = tuple(FAMILY_PRESETS["gpt2"])
+
+# Generators of dropout masks (train.dropout_rng). threefry2x32 is JAX's default: the same bits
+# on every backend and sharding. rbg draws the bits with XLA's RngBitGenerator (keys are still
+# split and folded with threefry): cheaper masks, but the bits may differ across backends and
+# XLA versions, so a run is reproducible on one platform only; unsafe_rbg also derives its keys
+# with RngBitGenerator. hash keeps threefry keys but turns each into a mask with a counter hash
+# that XLA fuses into the masked op (kernels.HashDropout): no mask is written to memory, and
+# the bits are the same on every mesh. experiments/cpu_throughput/ compares their step times.
+DROPOUT_RNGS = ("threefry2x32", "rbg", "unsafe_rbg", "hash")
+
+
+def llama_ff_dim(d_model: int, multiple_of: int = 256) -> int:
+  """LLaMA's MLP width: 2/3 of 4 * d_model (SwiGLU has three matrices, not two), rounded up."""
+  hidden = int(2 * 4 * d_model / 3)
+  return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def resolved_architecture(m: ml_collections.ConfigDict) -> dict[str, Any]:
+  """model.norm/position/mlp/bias/... with the family preset filled in where left unset.
+
+  Configs saved before these keys existed lack them; they read as unset, i.e. the preset.
+  """
+  if m.family not in FAMILIES:
+    raise JaxlmError(f"unknown model.family={m.family!r}: expected one of {', '.join(FAMILIES)}")
+  preset = FAMILY_PRESETS[m.family]
+  out = {}
+  for key in PRESET_KEYS:
+    value = m[key] if key in m else None
+    out[key] = preset[key] if value in (None, "", 0) and value is not False else value
+  return out
+
+
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
+  """The frozen ModelConfig of `cfg`, with the vocabulary of its tokenizer when 0."""
+  m = cfg.model
+  arch = resolved_architecture(m)
+  if m.vocab_size and m.vocab_size < vocab_size:
+    raise JaxlmError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
+                     f"vocabulary ({vocab_size}); set it to 0 to derive it")
+  d_ff = m.d_ff or (llama_ff_dim(m.d_model) if m.family == "llama" else 0)
+  return model_lib.ModelConfig(
+      vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
+      n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=d_ff,
+      dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+      scan_layers=m.scan_layers, attention_block=m.attention_block,
+      hash_dropout=cfg.train.dropout_rng == "hash", **arch)
+
+
+def resolved_dict(cfg: ml_collections.ConfigDict,
+                  mcfg: model_lib.ModelConfig) -> dict[str, Any]:
+  """`cfg` as the JSON of config.json: the vocabulary and family presets filled in."""
+  resolved = cfg.to_dict()
+  resolved["model"]["vocab_size"] = mcfg.vocab_size
+  resolved["model"].update(resolved_architecture(cfg.model))  # config.json says what ran.
+  return resolved
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises JaxlmError naming the first impossible value; cheap, no data or devices touched."""
+  model_config(cfg, vocab_size=1)  # Shape checks (divisibility, ranges) with a stand-in vocab.
+  t = cfg.train
+  for key in ("batch_size", "grad_accum", "log_every", "eval_steps", "steps_per_call"):
+    if t[key] < 1:
+      raise JaxlmError(f"train.{key} must be >= 1, got {t[key]}")
+  if t.dropout_rng not in DROPOUT_RNGS:
+    raise JaxlmError(f"unknown train.dropout_rng={t.dropout_rng!r}: expected one of "
+                     f"{', '.join(DROPOUT_RNGS)}")
+  for key in ("steps", "eval_every"):
+    if t[key] < 0:
+      raise JaxlmError(f"train.{key} must be >= 0, got {t[key]}")
+  if t.log_params_every < 0 or (t.log_params_every and t.log_params_every % t.log_every):
+    raise JaxlmError(f"train.log_params_every={t.log_params_every} must be 0 (off) or a "
+                     f"multiple of train.log_every={t.log_every}: the stats leave the device "
+                     "only on log steps")
+  if t.batch_size % t.grad_accum:
+    raise JaxlmError(f"train.batch_size={t.batch_size} is not divisible by "
+                     f"train.grad_accum={t.grad_accum}")
+  tok = cfg.data.tokenizer
+  if tok not in tokenizers.KINDS and not tokenizers.is_tokenizer_path(tok):
+    raise JaxlmError(f"unknown data.tokenizer={tok!r}: expected one of "
+                     f"{', '.join(tokenizers.KINDS)} or the path of a tokenizer.json")
+  if tokenizers.is_tokenizer_path(tok) and not workdir_lib.path(tok).is_file():
+    raise JaxlmError(f"tokenizer file not found: data.tokenizer={tok!r}")
+  if tok == "bpe" and cfg.data.vocab_size < tokenizers.MIN_BPE_VOCAB:
+    raise JaxlmError(f"data.vocab_size={cfg.data.vocab_size} is too small for byte-level BPE: "
+                     f"it needs at least {tokenizers.MIN_BPE_VOCAB} (256 bytes + merges)")
+  if cfg.optim.name not in optim.OPTIMIZERS:
+    raise JaxlmError(f"unknown optim.name={cfg.optim.name!r}: expected one of "
+                     f"{', '.join(optim.OPTIMIZERS)}")
+  if cfg.optim.lr < 0 or cfg.optim.min_lr < 0 or cfg.optim.warmup_steps < 0:
+    raise JaxlmError("optim.lr, optim.min_lr and optim.warmup_steps must be >= 0")
+  sharding.get_rules(cfg.mesh.rules)
+
+
+def load_dataset(cfg: ml_collections.ConfigDict) -> data_lib.Dataset:
+  """The corpus and tokenizer that `cfg.data` names, split, checked against the block size."""
+  # Runs saved before data.vocab_size existed used no trained tokenizer.
+  vocab_size = cfg.data.vocab_size if "vocab_size" in cfg.data else 0
+  return data_lib.load_dataset(cfg.data.path, cfg.data.tokenizer,
+                               val_fraction=cfg.data.val_fraction,
+                               block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir,
+                               vocab_size=vocab_size)
+
+
+def resolve_vocab_size(cfg: ml_collections.ConfigDict) -> tuple[int, str]:
+  """(vocab size, where it came from); reads the corpus only when a tokenizer must see it."""
+  if cfg.model.vocab_size:
+    return cfg.model.vocab_size, "model.vocab_size"
+  if cfg.data.tokenizer == "byte":
+    return tokenizers.ByteTokenizer.vocab_size, "byte tokenizer"
+  dataset = load_dataset(cfg)
+  return dataset.tokenizer.vocab_size, f"{cfg.data.tokenizer} tokenizer on {dataset.source}"

@@ -1,0 +1,107 @@
+"""A finished run, loaded from its workdir: one way, for eval, sample, params, hf and init_from."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import config as config_lib
+from jaxlm import data as data_lib
+from jaxlm import evaluate, sharding, tokenizers
+from jaxlm import model as model_lib
+from jaxlm import workdir as workdir_lib
+from jaxlm.errors import JaxlmError
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  """A run restored from its workdir."""
+  cfg: ml_collections.ConfigDict  # config.json, as resolved when it was trained or imported.
+  tokenizer: tokenizers.Tokenizer | None  # None for an imported model without tokenizer.json.
+  mcfg: model_lib.ModelConfig
+  model: model_lib.DecoderLM
+  params: PyTree
+  step: int
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The workdir's config.json; one line naming what is missing when it is not a run."""
+  root = workdir_lib.path(workdir)
+  if not root.is_dir():
+    raise JaxlmError(f"no run in {workdir!r}: the directory does not exist")
+  if not (root / "config.json").exists():
+    raise JaxlmError(f"no run in {workdir!r}: it has no config.json")
+  return ml_collections.ConfigDict(json.loads(workdir_lib.read_text(root / "config.json")))
+
+
+def abstract_params(model: model_lib.DecoderLM, mesh: jax.sharding.Mesh,
+                    rules: sharding.Rules) -> PyTree:
+  """Shape/dtype/sharding of the model's params, without allocating them."""
+  boxed = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
+  return sharding.with_shardings(nn.unbox(boxed), sharding.logical_shardings(boxed, mesh, rules))
+
+
+def restore_params(workdir: str, target: PyTree,
+                   step: int | str | None = None) -> tuple[PyTree, int]:
+  """(params, step) of the checkpoint `step` (latest, a number or 'best'), into `target`."""
+  ckpt_dir = workdir_lib.path(workdir) / "checkpoints"
+  if not ckpt_dir.is_dir():
+    raise JaxlmError(f"no checkpoint in {workdir!r} (looked for {ckpt_dir}); train it first "
+                     "(jaxlm train)")
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
+  try:
+    resolved = ckpt.resolve_step(step)
+    return ckpt.restore(resolved, {"params": target})["params"], resolved
+  finally:
+    ckpt.close()
+
+
+def load_run(workdir: str, step: int | str | None = None, *,
+             need_tokenizer: bool = True) -> Run:
+  """Restores a run's params (latest, `step`, or 'best') onto this host's devices.
+
+  `need_tokenizer=False` accepts a workdir without tokenizer.json (an imported model, which
+  `jaxlm convert --to_hf` can still export).
+  """
+  cfg = read_config(workdir)
+  tok_path = workdir_lib.path(workdir) / "tokenizer.json"
+  tok = tokenizers.load(tok_path) if need_tokenizer or tok_path.exists() else None
+  if tok is None and not cfg.model.vocab_size:
+    raise JaxlmError(f"{workdir_lib.path(workdir) / 'config.json'} has no model.vocab_size "
+                     "and the run has no tokenizer.json")
+  mcfg = config_lib.model_config(cfg, tok.vocab_size if tok else cfg.model.vocab_size)
+  model = model_lib.make_model(mcfg)
+  # Whatever mesh trained it, restore onto the devices here (data parallel: replicated).
+  mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  target = abstract_params(model, mesh, sharding.get_rules(cfg.mesh.rules))
+  params, resolved = restore_params(workdir, target, step)
+  return Run(cfg=cfg, tokenizer=tok, mcfg=mcfg, model=model, params=params, step=resolved)
+
+
+def evaluate_run(workdir: str, step: int | str | None = None,
+                 eval_steps: int | None = None) -> dict[str, Any]:
+  """Validation loss, perplexity and bits per token of a saved checkpoint."""
+  if eval_steps is not None and eval_steps < 1:
+    raise JaxlmError(f"--eval_steps must be >= 1, got {eval_steps}")
+  run = load_run(workdir, step)
+  cfg = run.cfg
+  dataset = config_lib.load_dataset(cfg)
+  n = eval_steps or cfg.train.eval_steps
+  # The same fixed batches as the evaluations during training, so the numbers compare.
+  batches = evaluate.stack(
+      data_lib.get_batch(dataset.val, seed=cfg.seed, step=i, batch_size=cfg.train.batch_size,
+                         block_size=cfg.model.block_size, stream=data_lib.EVAL_VAL_STREAM)
+      for i in range(n))
+  eval_fn = jax.jit(functools.partial(evaluate.eval_steps, model=run.model))
+  result = evaluate.evaluate(eval_fn, run.params, batches)
+  return {"step": run.step, "tokens": n * cfg.train.batch_size * cfg.model.block_size,
+          **{f"val/{k}": v for k, v in result.items()}}
