@@ -5,7 +5,8 @@
 
 Expected: `jaxlm params` reports 354,823,168 parameters (GPT-2's "345M"/"350M") and 2.4e9
 training FLOPs per token, in seconds on a CPU without allocating them. As in gpt2_small.py,
-`byte` stands in for GPT-2's BPE tokenizer and model.vocab_size is set to 50257 explicitly.
+the tokenizer is `byte` so the report needs no corpus or tokenizer file, model.vocab_size is
+set to 50257 explicitly, and data.tokenizer takes GPT-2's tokenizer.json (or bpe) to train.
 Training it needs a TPU or GPU slice and billions of tokens.
 """
 
@@ -14,7 +15,7 @@ from jaxlm import defaults
 
 def get_config():
   c = defaults.base_config()
-  c.data.tokenizer = "byte"  # Placeholder until a BPE tokenizer lands.
+  c.data.tokenizer = "byte"  # Offline stand-in; see the docstring for BPE.
 
   c.model.n_layer = 24
   c.model.n_head = 16

@@ -5,10 +5,12 @@
 
 Expected: `jaxlm params` reports 124,439,808 parameters (GPT-2's 124M; 85.0M in the blocks,
 38.6M in the token embedding, 0.8M in the position embedding) and 8.6e8 training FLOPs per
-token, in seconds on a CPU without allocating them. The shape is what matters here: jaxlm has
-no GPT-2 BPE tokenizer yet, so `byte` stands in and model.vocab_size is set to GPT-2's 50257
-explicitly (an embedding row per BPE token; a byte corpus uses only the first 256). Training
-it means a TPU or GPU and a corpus of billions of tokens (nanoGPT: OpenWebText, ~2.9 val loss).
+token, in seconds on a CPU without allocating them. The tokenizer is `byte` so that this
+report needs no corpus and no tokenizer file, with model.vocab_size set to GPT-2's 50257
+explicitly (an embedding row per BPE token; a byte corpus uses only the first 256). To train
+with BPE, point data.tokenizer at GPT-2's tokenizer.json, or set data.tokenizer=bpe and
+data.vocab_size to train one on the corpus. Training it means a TPU or GPU and a corpus of
+billions of tokens (nanoGPT: OpenWebText, ~2.9 val loss).
 """
 
 from jaxlm import defaults
@@ -16,7 +18,7 @@ from jaxlm import defaults
 
 def get_config():
   c = defaults.base_config()
-  c.data.tokenizer = "byte"  # Placeholder until a BPE tokenizer lands.
+  c.data.tokenizer = "byte"  # Offline stand-in; see the docstring for BPE.
 
   c.model.n_layer = 12
   c.model.n_head = 12

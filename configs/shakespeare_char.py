@@ -34,8 +34,8 @@ def get_config():
   c.train.eval_every = 250
   c.train.eval_steps = 20
   c.train.log_every = 50
-  # Ten steps per jitted call: the same math, less dispatch overhead (measured on 2 CPU cores:
-  # 48.8 -> 38.7 ms/step; experiments/cpu_throughput/).
+  # Ten steps per jitted call: the same math, less dispatch overhead, which dominates a model
+  # this small (experiments/cpu_throughput/).
   c.train.steps_per_call = 10
   c.train.log_params_every = 100  # Per-layer norms and update ratios: which layers learn.
 

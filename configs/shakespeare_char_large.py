@@ -19,13 +19,11 @@ def get_config():
   c.model.block_size = 256  # Context of up to 256 previous characters.
   c.model.dropout = 0.2  # This model overfits tiny-shakespeare without it.
   # Attention in 4 query blocks of 64 that skip the causal mask's upper triangle: same math,
-  # 5/8 of the score work; on 2 CPU cores 6.5 instead of 6.9 s per step (A/B in one process).
+  # 5/8 of the score work (faster on CPU; experiments/cpu_throughput/ has the A/B).
   c.model.attention_block = 64
-  # Dropout masks from a counter hash that XLA fuses into the masked ops: on 2 CPU cores a step
-  # takes 5.5-5.6 s instead of 6.2 s with rbg masks and 6.8 s with threefry ones, which XLA
-  # writes to memory and reads back (25M per layer for the attention probabilities). Those
-  # times are with tcmalloc (host_allocator=auto finds it where installed); with glibc's
-  # malloc the step takes 6.5-6.7 s (experiments/cpu_throughput/).
+  # Dropout masks from a counter hash that XLA fuses into the masked ops, instead of rbg or
+  # threefry masks, which XLA writes to memory and reads back (25M per layer for the attention
+  # probabilities): the fastest of the three on CPU (experiments/cpu_throughput/).
   c.train.dropout_rng = "hash"
 
   c.optim.lr = 1e-3

@@ -77,6 +77,17 @@ class Batches:
         evaluate.stack(self.host(tokens, i, stream) for i in range(n)), self.sharding)
 
 
+def open_checkpoints(workdir: str, keep: int) -> tuple[checkpoint_lib.Checkpointer, int | None]:
+  """The run's checkpoint manager and its latest step; refuses a workdir it cannot resume."""
+  ckpt = checkpoint_lib.Checkpointer(workdir_lib.path(workdir) / "checkpoints", keep=keep)
+  latest = ckpt.latest_step()
+  if latest is not None and ckpt.meta(latest).get("params_only"):
+    raise JaxlmError(f"workdir {workdir} holds imported params without optimizer state (step "
+                     f"{latest}); train from them in a new workdir with "
+                     f"--config.train.init_from={workdir}")
+  return ckpt, latest
+
+
 def restore_or_init(setup: build_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
                     latest: int | None, init_from: str) -> TrainState:
   """The latest checkpoint's state, else a fresh init (params from `init_from` if given)."""
@@ -246,12 +257,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   # --- Restore or init; nothing in the workdir changes before the run is known to be resumable.
   resolved = config_lib.resolved_dict(cfg, setup.mcfg)
   check_resumable(workdir, resolved)
-  ckpt = checkpoint_lib.Checkpointer(root / "checkpoints", keep=cfg.checkpoint.keep)
-  latest = ckpt.latest_step()
-  if latest is not None and ckpt.meta(latest).get("params_only"):
-    raise JaxlmError(f"workdir {workdir} holds imported params without optimizer state (step "
-                     f"{latest}); train from them in a new workdir with "
-                     f"--config.train.init_from={workdir}")
+  ckpt, latest = open_checkpoints(workdir, cfg.checkpoint.keep)
   if is_main:
     tokenizers.save(dataset.tokenizer, root / "tokenizer.json")
     workdir_lib.write_text(root / "config.json", json.dumps(resolved, indent=2, sort_keys=True))
@@ -298,8 +304,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       if done or stopping or (every and step % every == 0):
         save(ckpt, state, step, ckpt_meta, final["val/loss"] if evaluated else None)
         last_saved = step
-        step_log.restart_clock(step)
-      elif evaluated:
+      if evaluated or last_saved == step:
         step_log.restart_clock(step)
       if stopping:
         stopped_early = not done

@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import REPO, assert_one_line_error, run_jaxlm
 
-from jaxlm.host import tpu
+from jaxlm.host import tpu_commands, tpu_types
 
 V4_8 = ["--tpu_name=lm1", "--tpu_zone=us-central2-b", "--tpu_accelerator=v4-8"]
 V4_32 = ["--tpu_name=lm32", "--tpu_zone=us-central2-b", "--tpu_accelerator=v4-32"]
@@ -73,20 +73,20 @@ def dry_run(*args: str) -> subprocess.CompletedProcess:
     ("v6e-256", 256, 64, 4, "v6e"),
 ])
 def test_accelerator_table(name, chips, hosts, chips_per_host, generation):
-  acc = tpu.find_accelerator(name)
+  acc = tpu_types.find_accelerator(name)
   assert (acc.chips, acc.hosts, acc.chips_per_host, acc.generation) == (
       chips, hosts, chips_per_host, generation)
 
 
 def test_runtime_versions_and_zones_follow_the_generation():
-  assert tpu.find_accelerator("v4-8").runtime_version == "tpu-ubuntu2204-base"
-  assert tpu.find_accelerator("v5litepod-16").runtime_version == "v2-alpha-tpuv5-lite"
-  assert tpu.find_accelerator("v5p-8").runtime_version == "v2-alpha-tpuv5"
-  assert tpu.find_accelerator("v6e-4").runtime_version == "v2-alpha-tpuv6e"
-  assert tpu.find_accelerator("v4-32").zones == ("us-central2-b",)
+  assert tpu_types.find_accelerator("v4-8").runtime_version == "tpu-ubuntu2204-base"
+  assert tpu_types.find_accelerator("v5litepod-16").runtime_version == "v2-alpha-tpuv5-lite"
+  assert tpu_types.find_accelerator("v5p-8").runtime_version == "v2-alpha-tpuv5"
+  assert tpu_types.find_accelerator("v6e-4").runtime_version == "v2-alpha-tpuv6e"
+  assert tpu_types.find_accelerator("v4-32").zones == ("us-central2-b",)
   # v2-8 is offered in more zones than the v2 pods.
-  assert "us-central1-b" in tpu.find_accelerator("v2-8").zones
-  assert "us-central1-b" not in tpu.find_accelerator("v2-32").zones
+  assert "us-central1-b" in tpu_types.find_accelerator("v2-8").zones
+  assert "us-central1-b" not in tpu_types.find_accelerator("v2-32").zones
 
 
 @pytest.mark.parametrize("output, status", [
@@ -100,7 +100,7 @@ def test_runtime_versions_and_zones_follow_the_generation():
     ("", "unknown"),  # The ssh failed: ask again later.
 ])
 def test_job_status(output, status):
-  assert tpu.job_status(output) == status
+  assert tpu_commands.job_status(output) == status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +216,7 @@ def test_worker_scripts_in_a_local_shell(tmp_path):
   python.write_text("#!/bin/sh\necho \"I0101 train.py:285] args: $*\"\nsleep 0.5\n"
                     "echo \"I0101 train.py:454] done: 3 steps in 0s\"\n")
   python.chmod(0o755)
-  s = tpu.make_slice("lm32", "us-central2-b", "v4-32")
+  s = tpu_commands.make_slice("lm32", "us-central2-b", "v4-32")
   env = dict(os.environ, HOME=str(tmp_path))
 
   def remote(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -224,17 +224,19 @@ def test_worker_scripts_in_a_local_shell(tmp_path):
     return subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True,
                           timeout=30)
 
-  assert tpu.job_status(remote(tpu.probe_command(s)).stdout) == "died"  # Nothing ran yet.
-  assert remote(tpu.start_command(s, TRAIN)).returncode == 0
-  assert tpu.job_status(remote(tpu.probe_command(s)).stdout) == "running"
-  again = remote(tpu.start_command(s, TRAIN))  # Refused: one run per slice at a time.
+  # Nothing ran yet.
+  assert tpu_commands.job_status(remote(tpu_commands.probe_command(s)).stdout) == "died"
+  assert remote(tpu_commands.start_command(s, TRAIN)).returncode == 0
+  assert tpu_commands.job_status(remote(tpu_commands.probe_command(s)).stdout) == "running"
+  again = remote(tpu_commands.start_command(s, TRAIN))  # Refused: one run per slice at a time.
   assert again.returncode == 1 and "still going" in again.stderr
-  log = remote(tpu.follow_command(s)).stdout  # Returns once the run exits.
+  log = remote(tpu_commands.follow_command(s)).stdout  # Returns once the run exits.
   assert "args: -m jaxlm.cli train --config configs/shakespeare_char.py" in log
-  assert tpu.job_status(remote(tpu.probe_command(s)).stdout) == "finished"
-  assert remote(tpu.start_command(s, TRAIN)).returncode == 0
-  assert "sent SIGKILL" in remote(tpu.stop_command(s, "KILL")).stdout  # Waits for the exit.
-  assert tpu.job_status(remote(tpu.probe_command(s)).stdout) == "died"
+  assert tpu_commands.job_status(remote(tpu_commands.probe_command(s)).stdout) == "finished"
+  assert remote(tpu_commands.start_command(s, TRAIN)).returncode == 0
+  # Waits for the exit.
+  assert "sent SIGKILL" in remote(tpu_commands.stop_command(s, "KILL")).stdout
+  assert tpu_commands.job_status(remote(tpu_commands.probe_command(s)).stdout) == "died"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,14 +1,15 @@
 """The host memory allocator of a run (config key `host_allocator`).
 
 Why: XLA:CPU takes each step's temporaries from malloc and frees them when the step ends. For
-shakespeare_char_large that is one 4.2 GB block per step. glibc's malloc serves a block that
-large with mmap and gives it back with munmap, so every step touches 4.2 GB of fresh pages:
-~1.1M page faults, ~10% of the CPU time, all in the kernel. Telling glibc to keep the block
-(M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1, one arena) removes the faults but not the cost: its
+shakespeare_char_large that is one block of several GB per step. glibc's malloc serves a block
+that large with mmap and gives it back with munmap, so every step touches gigabytes of fresh
+pages: about a million page faults per step, all in the kernel. Telling glibc to keep the
+block (M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1, one arena) removes the faults but not the cost: its
 best-fit search (_int_malloc) then takes as long. tcmalloc and jemalloc (without decay) keep
-freed pages and hand them out again cheaply: the large step goes from 6.1-6.7 s to 5.4-5.7 s
-(jaxlm bench; experiments/cpu_throughput/README.md). The price is resident memory: what a
-step freed stays mapped, so the process's peak RSS is about twice the temporaries, not once.
+freed pages and hand them out again cheaply, which makes the large step markedly faster
+(jaxlm bench; experiments/cpu_throughput/README.md has the numbers). The price is resident
+memory: what a step freed stays mapped, so the process's peak RSS is about twice the
+temporaries, not once.
 
 A malloc can only be swapped before the process starts (LD_PRELOAD), so `ensure` re-executes
 the jaxlm command once with the library preloaded; the re-executed process finds it loaded and
@@ -33,8 +34,8 @@ from jaxlm.errors import JaxlmError
 # Name -> (names the dynamic linker knows it by, environment it needs).
 KNOWN = {
     "tcmalloc": (("tcmalloc_minimal", "tcmalloc"), {}),
-    # jemalloc's default gives freed pages back to the OS after ~10 s, which costs as much as
-    # glibc's munmap here (measured: 6.6-7.1 s steps); never decaying is what makes it fast.
+    # jemalloc's default gives freed pages back to the OS after a few seconds, which costs as
+    # much as glibc's munmap here; never decaying is what makes it fast.
     "jemalloc": (("jemalloc",), {"MALLOC_CONF": "dirty_decay_ms:-1,muzzy_decay_ms:-1"}),
 }
 # Set in the environment of the re-executed process: the library it was asked to preload.

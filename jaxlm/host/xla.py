@@ -6,19 +6,14 @@ XLA reads XLA_FLAGS once, when the first backend is created, and aborts the proc
 it does not know. So the CLI applies the config's flags before anything touches a device, and
 "auto" only ever means flags measured with this jaxlib (TESTED_FLAGS); other versions get none.
 
-Why "auto" sets what it sets (measured with `jaxlm bench` on 2 cores, see
-experiments/cpu_throughput/):
+Why "auto" sets what it sets (the measurements are in experiments/cpu_throughput/README.md):
 - `--xla_cpu_experimental_ynn_fusion_type=` (empty: no YNNPACK fusions). jaxlib 0.10's CPU
   backend hands dots and reductions to YNNPACK. Both paths reach about the same square-matmul
-  peak here (0.31-0.37 TFLOP/s), but inside a transformer step YNNPACK is slower: its
-  reductions (e.g. the softmax backward's row sums, ~1.2 ms per layer) and the transposed
-  copies its dots need cost more than they save. Without it the default config steps in
-  34.4-34.6 ms instead of 35.9-36.2 ms (session 3's run; session 2's: 34.0-34.8 vs 37.3 ms),
-  and the large one (threefry masks) in 7.7 s instead of 8.9 s (session 2's model code: 12.3
-  vs 13.9 s). With tcmalloc (jaxlm.allocator) the gap is smaller: 30.7-31.6 vs 32.0-33.9 ms
-  and 6.78 vs 6.91 s (experiments/cpu_throughput/results.jsonl, session 4). Same
-  math: only which library sums the same numbers changes (tests/xla_test.py compares losses
-  and parameters). MFU stays honest: the CPU peak is the best of both (jaxlm.metrics).
+  peak, but inside a transformer step YNNPACK is slower: its reductions (e.g. the softmax
+  backward's row sums) and the transposed copies its dots need cost more than they save, on
+  the default and the large config alike, and with either malloc. Same math: only which
+  library sums the same numbers changes (tests/xla_test.py compares losses and parameters).
+  MFU stays honest: the CPU peak is the best of both (jaxlm.metrics).
 """
 
 from __future__ import annotations
@@ -101,9 +96,8 @@ def enable_compile_cache(value: str) -> str:
   directory; "": off); returns the directory used, or "".
 
   A run whose programs were compiled before (a rerun, a resumed run, the next trial of a
-  sweep) loads them instead of compiling: the default experiment's train step compiles in
-  1.1 s instead of 4.4 s, and a 10-step run of it took 7.3 s instead of 13.8 s. A directory
-  set by the user (JAX_COMPILATION_CACHE_DIR) wins.
+  sweep) loads them instead of compiling, which for small models is most of a short run's
+  startup. A directory set by the user (JAX_COMPILATION_CACHE_DIR) wins.
   """
   if not value or jax.config.jax_compilation_cache_dir:
     return jax.config.jax_compilation_cache_dir or ""
