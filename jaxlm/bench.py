@@ -25,7 +25,7 @@ import numpy as np
 
 from jaxlm import build as build_lib
 from jaxlm import config as config_lib
-from jaxlm import metrics, sample, sharding
+from jaxlm import devices, metrics, sample, sharding
 from jaxlm import model as model_lib
 from jaxlm.host import allocator
 
@@ -110,8 +110,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
       "flops_per_token": flops_per_token,
       "achieved_tflops": achieved / 1e12,
       "peak_tflops": peak / 1e12,
-      "peak_source": ("table" if any(device.device_kind.startswith(k)
-                                     for k in metrics.PEAK_TFLOPS)
+      "peak_source": ("table" if devices.for_device_kind(device.device_kind)
                       else f"measured {mcfg.dtype} matmul"),
       "mfu": achieved / peak,
       "peak_memory_bytes": mem,

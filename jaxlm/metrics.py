@@ -13,23 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxlm import devices
 from jaxlm import workdir as workdir_lib
 from jaxlm.host import xla
 
 # In a gs:// workdir, metrics.jsonl and TensorBoard events are uploaded (whole) at most this
 # often; a run killed without a chance to close loses at most this many seconds of records.
 REMOTE_FLUSH_SEC = 30.0
-
-# Peak dense TFLOP/s per device (bfloat16) from vendor data sheets; float32 on TPUs goes
-# through the same MXU passes, so the same peak is used.
-PEAK_TFLOPS = {
-    "TPU v2": 22.5, "TPU v3": 61.5, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
-    "TPU v5p": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
-    "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100-SXM4-80GB": 312.0,
-    "NVIDIA A100 80GB PCIe": 312.0, "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0,
-    "NVIDIA L4": 121.0, "NVIDIA A10G": 125.0, "Tesla T4": 65.0, "Tesla V100-SXM2-16GB": 125.0,
-}
-
 
 def flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
   """Training FLOPs per token, forward + backward: 6·N + 12·n_layer·d_model·seq_len.
@@ -46,7 +36,7 @@ _measured_peak: dict[tuple[str, str], float] = {}
 
 
 def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "float32") -> float:
-  """Peak FLOP/s of one device: the table above, else a matmul microbenchmark (cached).
+  """Peak FLOP/s of one device: jaxlm.devices' table, else a matmul microbenchmark (cached).
 
   When jaxlm changed XLA's flags for this run (jaxlm.host.xla), the matmul is also timed in a
   child process with XLA's own flags, and the faster of the two is the peak: the flags may
@@ -54,9 +44,8 @@ def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "float3
   """
   device = device or jax.devices()[0]
   kind = getattr(device, "device_kind", "") or ""
-  for name, tflops in PEAK_TFLOPS.items():
-    if kind.startswith(name):
-      return tflops * 1e12
+  if (known := devices.for_device_kind(kind)) is not None:
+    return known.peak_tflops * 1e12
   key = (kind, dtype)
   if key not in _measured_peak:
     peak = measure_matmul_flops(device, dtype)

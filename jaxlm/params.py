@@ -21,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from jaxlm import axes, metrics, runs, sharding
+from jaxlm import axes, devices, metrics, runs, sharding
 from jaxlm import build as build_lib
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
@@ -34,16 +34,6 @@ KINDS = ("weight", "bias", "embedding", "norm scale")
 # The last name on a parameter's path says what it is. LayerNorm's shift is a bias too.
 KIND_OF_NAME = {"kernel": "weight", "bias": "bias", "embedding": "embedding",
                 "scale": "norm scale"}
-
-# Memory of one device in GiB (HBM per chip; per core for TPU v2/v3, which JAX shows as one
-# device per core), for the names in metrics.PEAK_TFLOPS.
-DEVICE_MEMORY_GIB = {
-    "TPU v2": 8.0, "TPU v3": 16.0, "TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5e": 16.0,
-    "TPU v5p": 95.0, "TPU v6 lite": 32.0, "TPU v6e": 32.0,
-    "NVIDIA A100-SXM4-40GB": 40.0, "NVIDIA A100-SXM4-80GB": 80.0, "NVIDIA A100 80GB PCIe": 80.0,
-    "NVIDIA H100 80GB HBM3": 80.0, "NVIDIA H100 PCIe": 80.0, "NVIDIA L4": 24.0,
-    "NVIDIA A10G": 24.0, "Tesla T4": 16.0, "Tesla V100-SXM2-16GB": 16.0,
-}
 
 # Hyperparameters that fix the numbers of the report, and some that do not (they change what
 # training does with the parameters, not how many there are or what a step costs).
@@ -177,16 +167,6 @@ def count_by_layer(rows: Iterable[Tensor]) -> dict[str, int]:
 # Memory and compute.
 # ---------------------------------------------------------------------------------------------
 
-def device_spec(name: str) -> tuple[str, float, float]:
-  """(name, peak TFLOP/s, memory GiB) of a known device such as 'TPU v4' (case-insensitive)."""
-  for known, tflops in metrics.PEAK_TFLOPS.items():
-    if known.lower() == name.strip().lower():
-      return known, tflops, DEVICE_MEMORY_GIB[known]
-  raise JaxlmError(f"unknown --device={name!r}: expected one of "
-                   f"{', '.join(repr(k) for k in metrics.PEAK_TFLOPS)}, or give --peak_tflops "
-                   "and --device_memory_gb")
-
-
 def shard_elements(shape: tuple[int, ...], names: tuple[str | None, ...] | None,
                    rules: sharding.Rules, mesh_sizes: dict[str, int]) -> int:
   """Elements of one device's shard of a tensor with logical axes `names` under `rules`."""
@@ -278,7 +258,7 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
 
   Args:
     n_devices: devices of the target machine (the mesh and per-device numbers use it).
-    device: a name from metrics.PEAK_TFLOPS; fills peak_tflops and device_memory_gib when they
+    device: a name from jaxlm.devices.DEVICES; fills peak_tflops and device_memory_gib when they
       are 0.
     peak_tflops: peak TFLOP/s of one device, for the step time at `mfu`; 0 = no estimate.
     device_memory_gib: memory of one device; 0 = no fit check.
@@ -287,9 +267,10 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
   if not 0.0 < mfu <= 1.0:
     raise JaxlmError(f"--mfu must be in (0, 1], got {mfu}")
   if device:
-    device, known_tflops, known_gib = device_spec(device)
-    peak_tflops = peak_tflops or known_tflops
-    device_memory_gib = device_memory_gib or known_gib
+    known = devices.lookup(device)
+    device = known.name
+    peak_tflops = peak_tflops or known.peak_tflops
+    device_memory_gib = device_memory_gib or known.memory_gib
   vocab_size, vocab_source = config_lib.resolve_vocab_size(cfg)
   recipe = build_lib.make_recipe(cfg, vocab_size)
   mcfg = recipe.mcfg
