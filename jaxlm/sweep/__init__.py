@@ -279,10 +279,10 @@ class TrialSpec:
 
 def check_trial(cfg: ml_collections.ConfigDict, overrides: Trial, name: str) -> TrialSpec:
   """Applies and validates one trial (raises on unknown keys and wrong types)."""
-  from jaxlm import train  # Imports jax: only once the cheap checks have passed.
+  from jaxlm import config as config_lib  # Imports jax: only once the cheap checks have passed.
   resolved = resolve(cfg, overrides)
   try:
-    train.validate_config(resolved)
+    config_lib.validate_config(resolved)
     error = None
   except JaxlmError as e:
     error = str(e)
@@ -294,7 +294,7 @@ def plan_trials(cfg: ml_collections.ConfigDict, trials: Any) -> list[TrialSpec]:
   """The trials of a grid sweep, checked: unknown keys, wrong types, duplicates, emptiness.
 
   Those are mistakes in the sweep file and raise JaxlmError naming the trial and key. A value
-  that `train.validate_config` rejects (say d_model not divisible by n_head) only fails that
+  that `config.validate_config` rejects (say d_model not divisible by n_head) only fails that
   trial: it is recorded with its error and the other trials run.
   """
   if not isinstance(trials, (list, tuple)):
