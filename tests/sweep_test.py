@@ -434,7 +434,7 @@ def fake_search(tmp_path, body):
 def test_search_prunes_trials_worse_than_the_median(tmp_path, monkeypatch):
   import optuna
 
-  monkeypatch.setattr(sweep, "_POLL_SEC", 0.01)
+  monkeypatch.setattr(sweep.pool, "_POLL_SEC", 0.01)
   plan = fake_search(tmp_path, '''
       N_TRIALS = 12
       SAMPLER = "random"
@@ -467,7 +467,7 @@ def test_search_prunes_trials_worse_than_the_median(tmp_path, monkeypatch):
 def test_interrupted_search_resumes_its_running_trial(tmp_path, monkeypatch):
   import optuna
 
-  monkeypatch.setattr(sweep, "_POLL_SEC", 0.01)
+  monkeypatch.setattr(sweep.pool, "_POLL_SEC", 0.01)
   monkeypatch.setenv("FAKE_STOP_SWEEP", str(tmp_path / "stopped"))
   plan = fake_search(tmp_path, '''
       N_TRIALS = 3
