@@ -19,11 +19,12 @@ from jaxlm.sweep.pool import Progress, Running, conclude, run_pool, start_trial,
 from jaxlm.sweep.search import run_search
 from jaxlm.sweep.state import (
   METRIC,
+  failed_state,
   final,
   is_finished,
-  normal,
   read_metrics,
   read_state,
+  trial_identity,
   write_state,
   write_sweep_json,
 )
@@ -52,9 +53,7 @@ def run(sweep: Sweep, workdir: str, *, parallel: int = 1, worker: bool = False,
     if is_finished(state, sweep, spec):
       progress.count(state, final(read_metrics(trial_dir), METRIC))
     elif spec.error:
-      state = {"name": spec.name, "overrides": normal(spec.overrides),
-               "base_overrides": normal(sweep.base_overrides), "status": "failed",
-               "error": spec.error, "attempts": 0}
+      state = failed_state(trial_identity(sweep, spec), spec.error, attempts=0)
       write_state(trial_dir, state)
       logging.warning("trial %s: invalid, not run: %s", spec.name, spec.error)
       progress.count(state, None)

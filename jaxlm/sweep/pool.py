@@ -30,8 +30,9 @@ from jaxlm.sweep.state import (
   METRIC,
   MetricsTail,
   error_line,
-  normal,
+  failed_state,
   read_state,
+  trial_identity,
   write_state,
 )
 
@@ -117,9 +118,8 @@ def start_trial(sweep: Sweep, spec: TrialSpec, trial_dir: str, lock_fd: int,
   os.makedirs(trial_dir, exist_ok=True)
   previous = read_state(trial_dir) or {}
   command = train_command(sweep, trial_dir, spec.overrides)
-  state = {**previous, **(extra_state or {}),
-           "name": spec.name, "overrides": normal(spec.overrides),
-           "base_overrides": normal(sweep.base_overrides), "status": "running", "error": None,
+  state = {**previous, **(extra_state or {}), **trial_identity(sweep, spec),
+           "status": "running", "error": None,
            "attempts": previous.get("attempts", 0) + 1, "command": command,
            "host": socket.gethostname(), "sweep_pid": os.getpid(), "started_at": time.time()}
   write_state(trial_dir, state)
@@ -148,7 +148,6 @@ def finish_trial(r: Running) -> dict[str, Any]:
   r.read_metrics()
   ends = [rec["step"] for rec in r.records if "wall_time_sec" in rec]
   reached = bool(ends) and (ends[-1] >= r.spec.steps or ends[-1] == r.spec.stop_at)
-  error = None
   if rc == 0 and reached:
     status = "done"
   elif r.prune:
@@ -157,15 +156,18 @@ def finish_trial(r: Running) -> dict[str, Any]:
     status = "interrupted"  # Stopped by us or by someone's SIGTERM: resumable.
   else:
     status = "failed"
+  ended = {"returncode": rc, "finished_at": time.time()}
+  if status == "failed":
     error = error_line(os.path.join(r.trial_dir, LOG_FILE), r.log_offset)
-  state = {**r.state, "status": status, "error": error, "returncode": rc,
-           "finished_at": time.time()}
+    state = failed_state(r.state, error, **ended)
+  else:
+    state = {**r.state, "status": status, "error": None, **ended}
   write_state(r.trial_dir, state)
   os.close(r.lock_fd)
   val = r.last.get(METRIC)
   took = time.time() - r.started
   if status == "failed":
-    logging.warning("trial %s: failed after %.0fs: %s", r.spec.name, took, error)
+    logging.warning("trial %s: failed after %.0fs: %s", r.spec.name, took, state["error"])
   else:
     logging.info("trial %s: %s at step %s after %.0fs%s", r.spec.name, status,
                  r.last.get("step", 0), took,

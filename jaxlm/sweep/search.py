@@ -31,10 +31,12 @@ from jaxlm.sweep.pool import (
 from jaxlm.sweep.space import Range, Trial
 from jaxlm.sweep.state import (
   METRIC,
+  failed_state,
   final,
   normal,
   read_metrics,
   read_state,
+  trial_identity,
   write_state,
   write_sweep_json,
 )
@@ -162,9 +164,7 @@ def run_search(sweep: Sweep, workdir: str, *, parallel: int = 1, worker: bool = 
       trial.set_user_attr("trial_dir", os.path.abspath(trial_dir))
       trial.set_user_attr("host", socket.gethostname())
       if spec.error:  # An impossible point (say d_model not divisible by n_head): not run.
-        state = {**extra, "name": name, "overrides": normal(overrides),
-                 "base_overrides": normal(sweep.base_overrides), "status": "failed",
-                 "error": spec.error, "attempts": 0}
+        state = failed_state({**extra, **trial_identity(sweep, spec)}, spec.error, attempts=0)
         write_state(trial_dir, state)
         trial.set_user_attr("error", spec.error)
         study.tell(trial, state=states.FAIL)
@@ -195,8 +195,8 @@ def run_search(sweep: Sweep, workdir: str, *, parallel: int = 1, worker: bool = 
     status = state["status"]
     val = final(read_metrics(r.trial_dir), METRIC)
     if status == "done" and val is None:
-      status = state["status"] = "failed"
-      state["error"] = "the run wrote no val/loss"
+      state = failed_state(state, "the run wrote no val/loss")
+      status = state["status"]
       write_state(r.trial_dir, state)
     if status == "done":
       study.tell(r.optuna_trial, val)

@@ -40,6 +40,21 @@ def normal(x: Any) -> Any:
   return json.loads(json.dumps(x))
 
 
+def trial_identity(sweep: Sweep, spec: TrialSpec) -> dict[str, Any]:
+  """The part of a trial's state that says which trial it is (what `is_finished` compares)."""
+  return {"name": spec.name, "overrides": normal(spec.overrides),
+          "base_overrides": normal(sweep.base_overrides)}
+
+
+def failed_state(state: dict[str, Any], error: str, **fields: Any) -> dict[str, Any]:
+  """`state` marked failed with `error`, then `fields`: how every failed trial is recorded.
+
+  A trial fails when validate_config rejects its values (it never runs: attempts 0), when its
+  process exits with an error, or when it ends without writing a val/loss.
+  """
+  return {**state, "status": "failed", "error": error, **fields}
+
+
 def is_finished(state: dict[str, Any] | None, sweep: Sweep, spec: TrialSpec) -> bool:
   """Done with these very overrides (a changed command line runs the trial again)."""
   return (state is not None and state.get("status") == "done"
