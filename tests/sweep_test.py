@@ -69,6 +69,15 @@ def assert_png(path):
 # Helpers for sweep files.
 # ---------------------------------------------------------------------------------------------
 
+def test_importing_the_sweep_package_is_cheap():
+  # Every sweep file does `from jaxlm import sweep`: that must not start jax, optuna or matplotlib.
+  code = ("import sys, jaxlm.sweep; "
+          "print([m for m in ('jax', 'optuna', 'matplotlib') if m in sys.modules])")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.strip() == "[]"
+
+
 def test_product_zip_and_axis():
   grid = sweep.product({"optim.lr": [1e-3, 3e-3]}, sweep.axis("model.n_layer", [1, 2]))
   assert grid == [{"optim.lr": 1e-3, "model.n_layer": 1}, {"optim.lr": 1e-3, "model.n_layer": 2},
@@ -325,7 +334,7 @@ def test_failed_trials_are_recorded_with_their_error_and_the_others_complete(tmp
                           ("optim.lr=0.001", "model.d_model=30",
                            "data.path=_nonexistent_corpus.txt"))
   assert state(ok)["status"] == "done"
-  # Caught by train.validate_config before anything ran: failed without a process.
+  # Caught by config.validate_config before anything ran: failed without a process.
   assert state(invalid)["status"] == "failed" and state(invalid)["attempts"] == 0
   assert "not divisible by model.n_head" in state(invalid)["error"]
   # Crashed at run time: the `jaxlm: error:` line of its log.
@@ -418,7 +427,7 @@ with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
 
 
 def fake_search(tmp_path, body):
-  """A prepared adaptive search whose trials run the fake trainer above."""
+  """A prepared sweep (a grid or an adaptive search) whose trials run the fake trainer above."""
   path = sweep_file(tmp_path, body)
   (tmp_path / "fake_trainer.py").write_text(FAKE_TRAINER)
   cfg = sweep.load_module(path).get_config()
@@ -428,13 +437,46 @@ def fake_search(tmp_path, body):
   return plan
 
 
+def test_impossible_values_fail_their_trial_without_running_it(tmp_path):
+  import optuna
+
+  failed_keys = ["name", "overrides", "base_overrides", "status", "error", "attempts"]
+  grid = fake_search(tmp_path, 'def get_sweep():\n  return [{"model.d_model": 30}]\n')
+  with pytest.raises(JaxlmError, match="every trial failed"):
+    sweep.run(grid, str(tmp_path / "grid"))
+  saved = state(tmp_path / "grid" / "model.d_model=30")
+  assert list(saved) == failed_keys and saved["status"] == "failed" and saved["attempts"] == 0
+  assert "not divisible by model.n_head" in saved["error"]
+  assert not (tmp_path / "grid" / "model.d_model=30" / "train.log").exists()  # Never started.
+
+  search = fake_search(tmp_path, '''
+      N_TRIALS = 1
+
+
+      def get_search_space():
+        return {"model.d_model": sweep.choice(30)}
+      ''')
+  workdir = tmp_path / "search"
+  with pytest.raises(JaxlmError, match="every trial failed"):
+    sweep.run(search, str(workdir))
+  study = optuna.load_study(study_name="search", storage=f"sqlite:///{workdir}/study.db")
+  (trial,) = study.get_trials()
+  assert trial.state == optuna.trial.TrialState.FAIL
+  saved = state(trial.user_attrs["trial_dir"])
+  assert list(saved) == ["optuna_trial", *failed_keys] and saved["optuna_trial"] == 0
+  assert saved["status"] == "failed" and saved["attempts"] == 0
+  assert "not divisible by model.n_head" in saved["error"]
+  assert trial.user_attrs["error"] == saved["error"]
+  assert not os.path.exists(os.path.join(trial.user_attrs["trial_dir"], "train.log"))
+
+
 # In-process, the sweep forks from this pytest process, where JAX's backend already runs threads;
 # the `jaxlm sweep` process never starts a backend, so its forks are safe.
 @pytest.mark.filterwarnings("ignore:os.fork\\(\\) was called:RuntimeWarning")
 def test_search_prunes_trials_worse_than_the_median(tmp_path, monkeypatch):
   import optuna
 
-  monkeypatch.setattr(sweep, "_POLL_SEC", 0.01)
+  monkeypatch.setattr(sweep.pool, "_POLL_SEC", 0.01)
   plan = fake_search(tmp_path, '''
       N_TRIALS = 12
       SAMPLER = "random"
@@ -467,7 +509,7 @@ def test_search_prunes_trials_worse_than_the_median(tmp_path, monkeypatch):
 def test_interrupted_search_resumes_its_running_trial(tmp_path, monkeypatch):
   import optuna
 
-  monkeypatch.setattr(sweep, "_POLL_SEC", 0.01)
+  monkeypatch.setattr(sweep.pool, "_POLL_SEC", 0.01)
   monkeypatch.setenv("FAKE_STOP_SWEEP", str(tmp_path / "stopped"))
   plan = fake_search(tmp_path, '''
       N_TRIALS = 3
