@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Generator of dropout masks: threefry2x32 (JAX's default, the same bits everywhere) | rbg
   # (XLA's RngBitGenerator: faster masks, bits may differ across backends) | hash (a counter
   # hash fused into the masked op: no mask in memory, the same bits on any mesh; fastest on
-  # CPU). See jaxlm/train.py and model.HashDropout.
+  # CPU). See jaxlm/config.py (DROPOUT_RNGS) and kernels.HashDropout.
   c.train.dropout_rng = "threefry2x32"
   c.train.stop_at = 0  # Stop with a checkpoint after this step, as if preempted; 0 = off.
 

@@ -164,7 +164,7 @@ def probe_command(s: Slice) -> list[str]:
 
 
 def stop_command(s: Slice, signal: str = "TERM") -> list[str]:
-  """Signals the run on every worker; TERM makes it checkpoint and exit (see train.py)."""
+  """Signals the run on every worker; TERM makes it checkpoint and exit (see preemption.py)."""
   return s.ssh(f'p="$(cat {PID} 2>/dev/null)"; if [ -n "$p" ] && kill -{signal} "$p" '
                f'2>/dev/null; then echo "jaxlm: sent SIG{signal} to the run on $(hostname)"; '
                'while kill -0 "$p" 2>/dev/null; do sleep 1; done; fi; true')
