@@ -8,7 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_config
 
+from jaxlm import config as config_lib
 from jaxlm import defaults, optim
 from jaxlm import model as model_lib
 from jaxlm.errors import JaxlmError
@@ -295,3 +297,26 @@ def test_grad_clip_leaves_small_gradients_and_zero_turns_it_off():
   _, big = clipping_problem(1.0)
   updates = sgd_update(0.0, big, params)  # Off: the norm-10 gradient passes unchanged.
   jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -g, rtol=1e-6), updates, big)
+
+
+# Moved from tests/train_test.py with the restructure.
+
+def test_weight_decay_mask_covers_kernels_and_embeddings_only():
+  cfg = load_config("smoke")
+  model = model_lib.make_model(config_lib.model_config(cfg, 65))
+  params = nn.unbox(model_lib.init_params(model, jax.random.key(0)))
+  mask = optim.decay_mask(params)
+  flat = {"/".join(k.key for k in path): v
+          for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
+  assert flat["wte/embedding"] and flat["h_0/mlp/fc/kernel"] and flat["h_1/attn/query/kernel"]
+  assert not flat["h_0/mlp/fc/bias"] and not flat["ln_f/scale"]
+  assert not flat["h_0/attn/query/bias"]  # A 2-D bias is still a bias.
+
+
+def test_schedule_warms_up_then_decays_to_min_lr():
+  cfg = load_config("shakespeare_char")
+  sched = optim.make_schedule(cfg.optim, cfg.train.steps)
+  assert float(sched(0)) == 0.0
+  assert math.isclose(float(sched(100)), 1e-3, rel_tol=1e-6)
+  assert math.isclose(float(sched(2000)), 1e-4, rel_tol=1e-6)
+  assert float(sched(1000)) < 1e-3

@@ -1,7 +1,6 @@
 """The pure train step: purity, dropout generators, gradient accumulation, K steps per call."""
 
 import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -100,23 +99,3 @@ def test_several_steps_per_call_equal_single_steps():
   np.testing.assert_allclose(np.asarray(m4["loss"]), losses, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                s4.params, s1.params)
-
-
-def test_weight_decay_mask_covers_kernels_and_embeddings_only():
-  cfg = load_config("smoke")
-  _, _, state = tiny_state(cfg)
-  mask = optim.decay_mask(state.params)
-  flat = {"/".join(k.key for k in path): v
-          for path, v in jax.tree_util.tree_flatten_with_path(mask)[0]}
-  assert flat["wte/embedding"] and flat["h_0/mlp/fc/kernel"] and flat["h_1/attn/query/kernel"]
-  assert not flat["h_0/mlp/fc/bias"] and not flat["ln_f/scale"]
-  assert not flat["h_0/attn/query/bias"]  # A 2-D bias is still a bias.
-
-
-def test_schedule_warms_up_then_decays_to_min_lr():
-  cfg = load_config("shakespeare_char")
-  sched = optim.make_schedule(cfg.optim, cfg.train.steps)
-  assert float(sched(0)) == 0.0
-  assert math.isclose(float(sched(100)), 1e-3, rel_tol=1e-6)
-  assert math.isclose(float(sched(2000)), 1e-4, rel_tol=1e-6)
-  assert float(sched(1000)) < 1e-3
