@@ -1,7 +1,9 @@
 """Decoder-only transformer (GPT-2 and LLaMA families) in flax linen, logical axes on every param.
 
-Read top to bottom: config -> KV cache -> norms and RoPE -> Linear and HashDropout (flax's Dense
-and Dropout, made faster on CPU) -> attention -> MLP -> block -> model.
+Read top to bottom: config -> KV cache -> norms, RoPE and dropout -> attention -> MLP -> block
+-> DecoderLM -> make_model / init_params / count_params. The projections are kernels.Linear and
+hash dropout is kernels.HashDropout: flax's Dense and Dropout, arranged so XLA:CPU runs them
+faster (jaxlm/kernels.py says how).
 GPT-2 is LayerNorm, learned positions and a GELU MLP; LLaMA is RMSNorm, rotary positions and a
 SwiGLU MLP. Each piece is its own ModelConfig field, so any mix builds; the parameter paths of
 the GPT-2 pieces do not depend on the others (h_0/attn/query/kernel, wte/embedding, ln_f/scale).
@@ -29,15 +31,16 @@ import jax.numpy as jnp
 
 from jaxlm import axes
 from jaxlm.errors import JaxlmError
+from jaxlm.kernels import HashDropout, Linear
 
 PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# What the backward pass may keep from the forward pass of a block (the rest is recomputed):
-# "full" keeps only the block's input, "dots" also keeps matmul outputs (cheap to store, the
-# costly part to recompute).
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
+# What the backward pass may keep from the forward pass of a block (the rest is recomputed):
+# "full" keeps only the block's input, "dots" also keeps matmul outputs (cheap to store, the
+# costly part to recompute).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -66,8 +69,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls; softmax, logits and loss always run in f32.
   param_dtype: str = "float32"
   remat: str = "none"  # Recompute activations in the backward pass: none | full | dots.
-  # Dropout masks from a counter hash fused into the masked op (see HashDropout) instead of
-  # jax.random.bernoulli; train.dropout_rng = "hash" sets it.
+  # Dropout masks from a counter hash fused into the masked op (kernels.HashDropout) instead
+  # of jax.random.bernoulli; train.dropout_rng = "hash" sets it.
   hash_dropout: bool = False
   scan_layers: bool = False  # One scanned block (params stacked on a `layers` axis).
   attention_block: int = 0  # Training attention in query blocks of this many rows; 0 = one.
@@ -122,8 +125,8 @@ class LayerCache:
   """Keys and values of one attention layer for S = block_size slots (slot s = position s).
 
   Heads come before slots so that both attention matmuls read the cache as it is laid out;
-  with slots first, XLA transposed every layer's cache for every decoded token (a decode step
-  of shakespeare_char_large took 2.3x as long at B=8 on CPU).
+  with slots first, XLA transposed every layer's cache for every decoded token
+  (experiments/sampling_bench/README.md has the measurement).
   """
   k_BxGxSxK: jax.Array
   v_BxGxSxK: jax.Array
@@ -191,122 +194,6 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
   return (x * cos_BxLx1xK + rotated_BxLxHxK * sin_BxLx1xK).astype(x_BxLxHxK.dtype)
 
 
-@jax.custom_vjp
-def _add_bias(y_NxF: jax.Array, bias_F: jax.Array) -> jax.Array:
-  """y + bias, whose bias gradient is a matrix-vector product (ones @ g) instead of a sum."""
-  return y_NxF + bias_F[None]
-
-
-def _add_bias_fwd(y_NxF, bias_F):
-  return _add_bias(y_NxF, bias_F), None
-
-
-def _add_bias_bwd(_, g_NxF):
-  # XLA:CPU splits a long reduction into windows of 32 rows, in several passes over g; the
-  # matvec reads g once (shakespeare_char_large's [16384, 1536] bias: ~30 ms -> ~8 ms).
-  ones_N = jnp.ones(g_NxF.shape[:1], g_NxF.dtype)
-  grad = jax.lax.dot_general(ones_N, g_NxF, (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-  return g_NxF, grad.astype(g_NxF.dtype)
-
-
-_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-class Linear(nn.Module):
-  """y = x @ kernel + bias over the last `in_dims` dims of x: flax's nn.Dense / DenseGeneral
-  (the same parameter names, shapes and initial values), computed on rows.
-
-  x's leading dims (batch, length) are flattened into one row dim N first. With [B, L] kept as
-  two dims, every weight gradient contracted over two dims and XLA:CPU transposed an operand
-  in memory to do it (a [16384, 1536] copy for shakespeare_char_large's MLP); over one dim it
-  calls the matmul with a transpose flag instead. The kernel keeps its shape (e.g. [D, H, K]),
-  so a sharded head axis stays sharded.
-  """
-  features: tuple[int, ...]
-  kernel_init: nn.initializers.Initializer
-  bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
-  in_dims: int = 1
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    lead, in_shape = x.shape[:x.ndim - self.in_dims], x.shape[x.ndim - self.in_dims:]
-    fan_in, fan_out = math.prod(in_shape), math.prod(self.features)
-
-    def flat_init(init, flat_shape, shape):
-      # As flax: initialise the [fan_in, fan_out] matrix (or the flat bias), then reshape.
-      def init_fn(rng, _, dtype):
-        value = init(rng, flat_shape, dtype)
-        if isinstance(value, nn.meta.AxisMetadata):
-          return nn.meta.replace_boxed(value, value.unbox().reshape(shape))
-        return value.reshape(shape)
-      return init_fn
-
-    kernel_shape = in_shape + self.features
-    kernel = self.param("kernel", flat_init(self.kernel_init, (fan_in, fan_out), kernel_shape),
-                        kernel_shape, self.param_dtype)
-    x_NxI = x.reshape(-1, *in_shape).astype(self.dtype)
-    contract = (tuple(range(1, 1 + self.in_dims)), tuple(range(self.in_dims)))
-    y = jax.lax.dot_general(x_NxI, kernel.astype(self.dtype), (contract, ((), ())))
-    if self.use_bias:
-      bias = self.param("bias", flat_init(self.bias_init, (fan_out,), self.features),
-                        self.features, self.param_dtype)
-      y = _add_bias(y, bias.astype(self.dtype))
-    return y.reshape(*lead, *self.features)
-
-
-def _fmix32(h: jax.Array) -> jax.Array:
-  """MurmurHash3's 32-bit finaliser: a bijection of uint32 in which every input bit flips
-  each output bit with probability ~1/2."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
-
-
-def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """uint32 bits for every element of `shape`: a hash of (key, row, column), no stored state.
-
-  Row = flat index over all but the last dimension, column = index in the last one. Each is
-  mixed with its own 32 key bits by a bijection (so two rows, or two columns, never share
-  their mixed value), the two are combined and mixed again. Unlike jax.random.bits, the bits
-  are a pure elementwise function of an iota, so XLA fuses them into the op that uses the
-  mask and never writes them to memory. Rows wrap past 2**32 (arrays of >= 2**32 rows).
-  """
-  k_row, k_col = jax.random.bits(key, (2,), jnp.uint32)
-  row = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for dim in range(len(shape) - 2, -1, -1):
-    row = row + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
-    stride *= shape[dim]
-  col = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
-  return _fmix32(_fmix32(row ^ k_row) ^ _fmix32(col ^ k_col))
-
-
-class HashDropout(nn.Module):
-  """Inverted dropout (as nn.Dropout) whose keep mask is `hash_bits(key) >= rate * 2**32`.
-
-  On CPU, masks from jax.random are an RNG kernel that writes 4 bytes per element and a
-  select that reads them back; for the attention probabilities of shakespeare_char_large
-  (25M elements a layer) that was a fifth of the train step. The hash is ~25 integer ops
-  per element inside the softmax fusion. The drop probability is exact to 2**-32; the masks
-  differ from jax.random's (tests/model_test.py checks their rate and independence).
-  """
-  rate: float
-
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    if deterministic or self.rate == 0.0:
-      return x
-    threshold = jnp.uint32(min(round(self.rate * 2**32), 2**32 - 1))
-    keep = hash_bits(self.make_rng("dropout"), x.shape) >= threshold
-    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
-
-
 def dropout(cfg: ModelConfig) -> nn.Module:
   """The dropout module of cfg: flax's (masks from jax.random) or HashDropout."""
   return HashDropout(cfg.dropout) if cfg.hash_dropout else nn.Dropout(cfg.dropout)
@@ -343,7 +230,7 @@ class CausalSelfAttention(nn.Module):
     # Grouped-query attention: each of the G kv heads serves R = H // G query heads. Attention
     # runs head-major (heads before positions): its batched matmuls then read and write
     # contiguous [positions x head_dim] matrices. One transpose of q, k and v each (and of the
-    # output) replaces the copies XLA made per query block; the large step is ~3-6% faster.
+    # output) replaces the copies XLA made per query block.
     q_BxGxRxLxK = q_BxLxHxK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4)
 
     def attend(q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, visible):
@@ -511,7 +398,7 @@ def make_model(cfg: ModelConfig) -> DecoderLM:
 
 
 def init_params(model: DecoderLM, rng: jax.Array) -> PyTree:
-  """Boxed params ({'wte': {'embedding': Partitioned}, ...}); train.py unboxes them."""
+  """Boxed params ({'wte': {'embedding': Partitioned}, ...}); nn.unbox gives plain arrays."""
   tokens_1xL = jnp.zeros((1, model.cfg.block_size), dtype=jnp.int32)
   return model.init({"params": rng}, tokens_1xL, train=False)["params"]
 
