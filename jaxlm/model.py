@@ -47,6 +47,38 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
+# Parameter path names: the modules below take their `name=` from these, and checkpoints,
+# jaxlm/hf.py's tensor map, the parameter report and the per-layer stats key on them. Renaming
+# one would orphan every saved run, so they are written once, here.
+TOKEN_EMBED = "wte"
+POSITION_EMBED = "wpe"  # Only with model.position = learned.
+BLOCKS = "h"  # The stacked blocks under scan_layers; unrolled, block i is block_name(i).
+FINAL_NORM = "ln_f"
+HEAD = "lm_head"  # Only with tie_embeddings = False.
+# Inside a block: h_0/ln_1, h_0/attn, h_0/ln_2, h_0/mlp.
+ATTN_NORM = "ln_1"
+ATTN = "attn"
+MLP_NORM = "ln_2"
+MLP_SUBLAYER = "mlp"
+# Projections: h_0/attn/query, .../key_value, .../out; h_0/mlp/fc, .../gate, .../proj.
+QUERY = "query"
+KEY_VALUE = "key_value"
+ATTN_OUT = "out"
+MLP_IN = "fc"  # LLaMA's up projection.
+MLP_GATE = "gate"  # SwiGLU only.
+MLP_OUT = "proj"
+
+
+def block_name(i: int) -> str:
+  """The name of block i when the blocks are unrolled: h_0, h_1, ..."""
+  return f"{BLOCKS}_{i}"
+
+
+def block_index(name: str) -> int | None:
+  """i for the name block_name(i); None for any other name."""
+  digits = name.removeprefix(f"{BLOCKS}_")
+  return int(digits) if digits != name and digits.isascii() and digits.isdigit() else None
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -212,11 +244,11 @@ class CausalSelfAttention(nn.Module):
                  param_dtype=DTYPES[cfg.param_dtype])
     q_BxLxHxK = Linear(
         (H, K), kernel_init=_init(INIT_STD, (axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
-        bias_init=_zeros((axes.HEADS, axes.HEAD_DIM)), name="query", **dense)(x_BxLxD)
+        bias_init=_zeros((axes.HEADS, axes.HEAD_DIM)), name=QUERY, **dense)(x_BxLxD)
     # Keys and values share one projection: one matmul instead of two.
     kv_BxLx2xGxK = Linear(
         (2, G, K), kernel_init=_init(INIT_STD, (axes.EMBED, None, axes.KV_HEADS, axes.HEAD_DIM)),
-        bias_init=_zeros((None, axes.KV_HEADS, axes.HEAD_DIM)), name="key_value",
+        bias_init=_zeros((None, axes.KV_HEADS, axes.HEAD_DIM)), name=KEY_VALUE,
         **dense)(x_BxLxD)
     k_BxSxGxK, v_BxSxGxK = kv_BxLx2xGxK[:, :, 0], kv_BxLx2xGxK[:, :, 1]
 
@@ -273,7 +305,7 @@ class CausalSelfAttention(nn.Module):
         (cfg.d_model,), in_dims=2,
         kernel_init=_init(INIT_STD / math.sqrt(2 * cfg.n_layer),
                           (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
-        bias_init=_zeros((axes.EMBED,)), name="out", **dense)(out_BxLxHxK)
+        bias_init=_zeros((axes.EMBED,)), name=ATTN_OUT, **dense)(out_BxLxHxK)
     return dropout(cfg)(out_BxLxD, deterministic=not train), cache
 
 
@@ -287,18 +319,18 @@ class MLP(nn.Module):
     dense = dict(use_bias=cfg.bias, dtype=DTYPES[cfg.dtype],
                  param_dtype=DTYPES[cfg.param_dtype])
     h_BxLxF = Linear((cfg.ff_dim,), kernel_init=_init(INIT_STD, (axes.EMBED, axes.MLP)),
-                     bias_init=_zeros((axes.MLP,)), name="fc", **dense)(x_BxLxD)
+                     bias_init=_zeros((axes.MLP,)), name=MLP_IN, **dense)(x_BxLxD)
     if cfg.mlp == "swiglu":
       # Shazeer 2020: a SiLU-gated linear unit; `fc` is LLaMA's up projection.
       gate_BxLxF = Linear((cfg.ff_dim,), kernel_init=_init(INIT_STD, (axes.EMBED, axes.MLP)),
-                          bias_init=_zeros((axes.MLP,)), name="gate", **dense)(x_BxLxD)
+                          bias_init=_zeros((axes.MLP,)), name=MLP_GATE, **dense)(x_BxLxD)
       h_BxLxF = nn.silu(gate_BxLxF) * h_BxLxF
     else:
       h_BxLxF = nn.gelu(h_BxLxF, approximate=True)  # GPT-2 uses the tanh approximation.
     out_BxLxD = Linear((cfg.d_model,),
                        kernel_init=_init(INIT_STD / math.sqrt(2 * cfg.n_layer),
                                          (axes.MLP, axes.EMBED)),
-                       bias_init=_zeros((axes.EMBED,)), name="proj", **dense)(h_BxLxF)
+                       bias_init=_zeros((axes.EMBED,)), name=MLP_OUT, **dense)(h_BxLxF)
     return dropout(cfg)(out_BxLxD, deterministic=not train)
 
 
@@ -315,12 +347,12 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD: jax.Array, cache: LayerCache | None = None,
                positions_BxL: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
     cfg, dtype = self.cfg, x_BxLxD.dtype
-    h_BxLxD = layer_norm(cfg, "ln_1")(x_BxLxD).astype(dtype)
-    attn_BxLxD, cache = CausalSelfAttention(cfg, name="attn")(
+    h_BxLxD = layer_norm(cfg, ATTN_NORM)(x_BxLxD).astype(dtype)
+    attn_BxLxD, cache = CausalSelfAttention(cfg, name=ATTN)(
         h_BxLxD, train=self.train, positions_BxL=positions_BxL, cache=cache)
     x_BxLxD = x_BxLxD + attn_BxLxD
-    h_BxLxD = layer_norm(cfg, "ln_2")(x_BxLxD).astype(dtype)
-    x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h_BxLxD, train=self.train)
+    h_BxLxD = layer_norm(cfg, MLP_NORM)(x_BxLxD).astype(dtype)
+    x_BxLxD = x_BxLxD + MLP(cfg, name=MLP_SUBLAYER)(h_BxLxD, train=self.train)
     return x_BxLxD, cache
 
 
@@ -351,13 +383,13 @@ class DecoderLM(nn.Module):
     # Embedding lookups are free, so the tables are kept (and read) in float32.
     wte = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.float32,
                    param_dtype=DTYPES[cfg.param_dtype],
-                   embedding_init=_init(INIT_STD, (axes.VOCAB, axes.EMBED)), name="wte")
+                   embedding_init=_init(INIT_STD, (axes.VOCAB, axes.EMBED)), name=TOKEN_EMBED)
     if cfg.position == "rope":
       x_BxLxD = wte(tokens_BxL)  # Positions enter inside attention instead.
     else:
       wpe = nn.Embed(cfg.block_size, cfg.d_model, dtype=jnp.float32,
                      param_dtype=DTYPES[cfg.param_dtype],
-                     embedding_init=_init(INIT_STD, (None, axes.EMBED)), name="wpe")
+                     embedding_init=_init(INIT_STD, (None, axes.EMBED)), name=POSITION_EMBED)
       if positions_BxL is None:
         x_BxLxD = wte(tokens_BxL) + wpe(jnp.arange(L))[None]
       else:
@@ -373,15 +405,15 @@ class DecoderLM(nn.Module):
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                       "dropout": True}, in_axes=(0, nn.broadcast), length=cfg.n_layer,
                       metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-      x_BxLxD, cache = stack(cfg, train=train, name="h")(x_BxLxD, cache, positions_BxL)
+      x_BxLxD, cache = stack(cfg, train=train, name=BLOCKS)(x_BxLxD, cache, positions_BxL)
     else:
       layer_caches = []
       for i in range(cfg.n_layer):
-        x_BxLxD, layer_cache = block(cfg, train=train, name=f"h_{i}")(
+        x_BxLxD, layer_cache = block(cfg, train=train, name=block_name(i))(
             x_BxLxD, None if cache is None else cache[i], positions_BxL)
         layer_caches.append(layer_cache)
       cache = None if cache is None else tuple(layer_caches)
-    x_BxLxD = layer_norm(cfg, "ln_f")(x_BxLxD)
+    x_BxLxD = layer_norm(cfg, FINAL_NORM)(x_BxLxD)
     if cfg.tie_embeddings:
       # Weight tying (Press & Wolf, 2017): the output head reuses the token embedding.
       logits_BxLxV = wte.attend(x_BxLxD)
@@ -389,7 +421,7 @@ class DecoderLM(nn.Module):
       logits_BxLxV = Linear((cfg.vocab_size,), use_bias=False, dtype=jnp.float32,
                             param_dtype=DTYPES[cfg.param_dtype],
                             kernel_init=_init(INIT_STD, (axes.EMBED, axes.VOCAB)),
-                            name="lm_head")(x_BxLxD)
+                            name=HEAD)(x_BxLxD)
     return logits_BxLxV if cache is None else (logits_BxLxV, cache)
 
 
@@ -409,4 +441,4 @@ def count_params(params: PyTree) -> int:
 
 def matmul_params(params: PyTree) -> int:
   """Parameters that take part in matmuls: all but the position embedding table."""
-  return count_params(params) - count_params(params.get("wpe", {}))
+  return count_params(params) - count_params(params.get(POSITION_EMBED, {}))

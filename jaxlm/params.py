@@ -105,11 +105,17 @@ def _is_box(x: Any) -> bool:
   return isinstance(x, nn.Partitioned)
 
 
+# Where each top-level module sorts; the blocks (2) sort among themselves by their index.
+_LAYER_ORDER = {model_lib.TOKEN_EMBED: 0, model_lib.POSITION_EMBED: 1, model_lib.FINAL_NORM: 3,
+                model_lib.HEAD: 4}
+
+
 def layer_sort_key(layer: str) -> tuple[int, int, str]:
   """Model order: embeddings, blocks h_0 .. h_{n-1} (numerically), final norm, head."""
-  if layer.startswith("h_") and layer[2:].isdigit():
-    return (2, int(layer[2:]), layer)
-  return ({"wte": 0, "wpe": 1, "ln_f": 3, "lm_head": 4}.get(layer, 5), 0, layer)
+  i = model_lib.block_index(layer)
+  if i is not None:
+    return (2, i, layer)
+  return (_LAYER_ORDER.get(layer, 5), 0, layer)
 
 
 def tensors(params: PyTree) -> list[Tensor]:
@@ -167,7 +173,8 @@ def count_by_layer(rows: Iterable[Tensor]) -> dict[str, int]:
   for t in rows:
     if t.logical_axes and t.logical_axes[0] == axes.LAYERS:
       for i in range(t.shape[0]):
-        out[f"{t.layer}_{i}"] = out.get(f"{t.layer}_{i}", 0) + t.count // t.shape[0]
+        name = model_lib.block_name(i)
+        out[name] = out.get(name, 0) + t.count // t.shape[0]
     else:
       out[t.layer] = out.get(t.layer, 0) + t.count
   return {k: out[k] for k in sorted(out, key=layer_sort_key)}
@@ -475,18 +482,14 @@ def drift_report(params: PyTree, params0: PyTree, *, scanned: bool = False) -> d
           "most_changed": [r["path"] for r in sorted(rows, key=lambda r: -r["delta_rms"])[:5]]}
 
 
-# The name model.DecoderLM gives its stack of blocks under scan_layers (params [N, ...]).
-SCANNED_STACK = "h"
-
-
 def _flat(params: PyTree, scanned: bool) -> list[tuple[str, Any]]:
   out = []
   for path, x in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]:
     name = _path_name(path)
     top, _, rest = name.partition("/")
-    if scanned and top == SCANNED_STACK:
+    if scanned and top == model_lib.BLOCKS:  # The stacked blocks: params [N, ...].
       stack = np.asarray(x)
-      out += [(f"{top}_{i}/{rest}", stack[i]) for i in range(stack.shape[0])]
+      out += [(f"{model_lib.block_name(i)}/{rest}", stack[i]) for i in range(stack.shape[0])]
     else:
       out.append((name, x))
   return out

@@ -60,6 +60,36 @@ def test_every_parameter_has_logical_axes():
     assert len(x.names) == len(x.value.shape)
 
 
+def param_paths(**overrides):
+  model = model_lib.make_model(model_lib.ModelConfig(**{**TINY, **overrides}))
+  boxed = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
+  return {"/".join(p.key for p in path) for path, _ in
+          jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]}
+
+
+def test_parameter_paths_are_the_ones_saved_checkpoints_hold():
+  """Written out, not built from model.py's names: a rename must fail here, not orphan runs."""
+  gpt2_block = ["ln_1/scale", "ln_1/bias", "attn/query/kernel", "attn/query/bias",
+                "attn/key_value/kernel", "attn/key_value/bias", "attn/out/kernel", "attn/out/bias",
+                "ln_2/scale", "ln_2/bias", "mlp/fc/kernel", "mlp/fc/bias", "mlp/proj/kernel",
+                "mlp/proj/bias"]
+  top = {"wte/embedding", "wpe/embedding", "ln_f/scale", "ln_f/bias"}
+  assert param_paths(tie_embeddings=False) == top | {"lm_head/kernel"} | {
+      f"h_{i}/{p}" for i in range(2) for p in gpt2_block}
+  assert param_paths(scan_layers=True) == top | {f"h/{p}" for p in gpt2_block}
+  llama_block = ["ln_1/scale", "attn/query/kernel", "attn/key_value/kernel", "attn/out/kernel",
+                 "ln_2/scale", "mlp/fc/kernel", "mlp/gate/kernel", "mlp/proj/kernel"]
+  assert param_paths(norm="rmsnorm", position="rope", mlp="swiglu", bias=False) == {
+      "wte/embedding", "ln_f/scale"} | {f"h_{i}/{p}" for i in range(2) for p in llama_block}
+
+
+def test_block_names_round_trip():
+  assert [model_lib.block_name(i) for i in (0, 11)] == ["h_0", "h_11"]
+  assert [model_lib.block_index(n) for n in ("h_0", "h_11")] == [0, 11]
+  for other in ("h", "h_", "h_x", "h_1a", "hh_1", "wte", "ln_f"):
+    assert model_lib.block_index(other) is None, other
+
+
 def test_causality_changing_token_t_leaves_earlier_logits_unchanged():
   model, params = make()
   rng = np.random.default_rng(0)
