@@ -357,7 +357,7 @@ def _abstract_shapes(mcfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
   boxed = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]:
-    out["/".join(str(p.key) for p in path)] = tuple(leaf.shape)
+    out[model_lib.path_name(path)] = tuple(leaf.shape)
   return out
 
 

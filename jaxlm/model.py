@@ -442,3 +442,12 @@ def count_params(params: PyTree) -> int:
 def matmul_params(params: PyTree) -> int:
   """Parameters that take part in matmuls: all but the position embedding table."""
   return count_params(params) - count_params(params.get(POSITION_EMBED, {}))
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+  """The "h_0/attn/query/kernel" name of a parameter's key path (jax.tree_util *_with_path).
+
+  Only dict keys name parameters: the attribute keys that boxes add (nn.Partitioned's
+  `.value`) are dropped, so boxed, abstract and plain trees give the same names.
+  """
+  return "/".join(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))

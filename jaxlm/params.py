@@ -96,11 +96,6 @@ class Tensor:
     return self.path.split("/", 1)[0]
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
-  # Only dict keys name parameters (boxes add attribute keys such as `.value`).
-  return "/".join(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
-
-
 def _is_box(x: Any) -> bool:
   return isinstance(x, nn.Partitioned)
 
@@ -124,7 +119,7 @@ def tensors(params: PyTree) -> list[Tensor]:
   for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]:
     names = tuple(leaf.names) if _is_box(leaf) else None
     value = leaf.value if _is_box(leaf) else leaf
-    rows.append(Tensor(_path_name(path), tuple(int(d) for d in value.shape),
+    rows.append(Tensor(model_lib.path_name(path), tuple(int(d) for d in value.shape),
                        np.dtype(value.dtype).name, names))
   return sorted(rows, key=lambda t: layer_sort_key(t.layer))  # Stable: keeps order in a layer.
 
@@ -485,7 +480,7 @@ def drift_report(params: PyTree, params0: PyTree, *, scanned: bool = False) -> d
 def _flat(params: PyTree, scanned: bool) -> list[tuple[str, Any]]:
   out = []
   for path, x in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]:
-    name = _path_name(path)
+    name = model_lib.path_name(path)
     top, _, rest = name.partition("/")
     if scanned and top == model_lib.BLOCKS:  # The stacked blocks: params [N, ...].
       stack = np.asarray(x)

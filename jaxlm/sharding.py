@@ -12,6 +12,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import axes
+from jaxlm import model as model_lib
 from jaxlm.errors import JaxlmError
 
 PyTree = Any
@@ -78,7 +79,9 @@ def logical_shardings(boxed_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
   """
   specs = nn.get_partition_spec(boxed_tree)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  replicated_dims = []
+  # Keyed by parameter name: a parameter's optimizer moments share its name, shape and axes,
+  # so each replicated dimension is named once (a dict as an ordered set).
+  replicated_dims: dict[str, None] = {}
 
   def fit(path, value, named: NamedSharding) -> NamedSharding:
     spec = list(named.spec) + [None] * (len(value.shape) - len(named.spec))
@@ -86,14 +89,14 @@ def logical_shardings(boxed_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
       names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
       size = int(np.prod([mesh.shape[n] for n in names]))
       if size > 1 and value.shape[i] % size:
-        replicated_dims.append(f"{jax.tree_util.keystr(path)}[{i}]={value.shape[i]}")
+        replicated_dims[f"{model_lib.path_name(path)}[{i}]={value.shape[i]}"] = None
         spec[i] = None
     return NamedSharding(mesh, PartitionSpec(*spec))
 
   fitted = jax.tree_util.tree_map_with_path(fit, nn.unbox(boxed_tree), shardings)
   if replicated_dims:
     logging.warning("replicating %d dimension(s) that the mesh %s does not divide evenly, e.g. %s",
-                    len(replicated_dims), dict(mesh.shape), ", ".join(replicated_dims[:3]))
+                    len(replicated_dims), dict(mesh.shape), ", ".join(list(replicated_dims)[:3]))
   return fitted
 
 

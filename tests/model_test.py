@@ -90,6 +90,16 @@ def test_block_names_round_trip():
     assert model_lib.block_index(other) is None, other
 
 
+def test_path_name_is_the_same_for_boxed_and_plain_trees():
+  model = model_lib.make_model(model_lib.ModelConfig(**TINY))
+  boxed = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
+  flat = lambda tree, **kw: [model_lib.path_name(path) for path, _ in
+                             jax.tree_util.tree_flatten_with_path(tree, **kw)[0]]
+  names = flat(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert names == flat(nn.unbox(boxed)) == flat(boxed)  # The last one ends in `.value` keys.
+  assert set(names) == param_paths() and "h_1/attn/key_value/kernel" in names
+
+
 def test_causality_changing_token_t_leaves_earlier_logits_unchanged():
   model, params = make()
   rng = np.random.default_rng(0)

@@ -109,6 +109,20 @@ def test_undivisible_dimension_is_replicated_not_an_error():
   assert wte.sharding.spec[0] is None and wte.sharding.spec[1] == "fsdp"
 
 
+def test_replicated_dimension_is_named_once_per_parameter(caplog):
+  """The warning names parameters by path (wte/embedding), not once more per Adam moment."""
+  model = model_lib.make_model(model_lib.ModelConfig(vocab_size=65, block_size=16, n_layer=1,
+                                                     n_head=4, d_model=32))
+  tx = optim.make_optimizer(load_config("smoke").optim, total_steps=10)
+  boxed = jax.eval_shape(lambda r: step_lib.init_boxed_state(r, model=model, tx=tx),
+                         jax.random.key(0))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}, jax.devices()[:8])
+  with caplog.at_level("WARNING"):
+    sharding.logical_shardings(boxed, mesh, sharding.get_rules("fsdp_tp"))
+  assert "replicating 1 dimension(s)" in caplog.text, caplog.text
+  assert "e.g. wte/embedding[0]=65" in caplog.text, caplog.text
+
+
 def test_scan_over_layers_gives_the_same_loss_as_unrolled():
   cfg = model_lib.ModelConfig(vocab_size=64, block_size=16, n_layer=3, n_head=4, d_model=32)
   unrolled = model_lib.make_model(cfg)
