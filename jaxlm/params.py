@@ -197,10 +197,7 @@ def shard_elements(shape: tuple[int, ...], names: tuple[str | None, ...] | None,
   spec = nn.logical_to_mesh_axes(names, rules)
   n = 1
   for i, dim in enumerate(shape):
-    mesh_axes = spec[i] if i < len(spec) else None
-    mesh_axes = () if mesh_axes is None else (
-        mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,))
-    ways = math.prod(mesh_sizes[a] for a in mesh_axes)
+    ways = sharding.split_ways(spec[i] if i < len(spec) else None, mesh_sizes)
     # sharding.logical_shardings replicates a dimension the mesh does not divide evenly.
     n *= dim // ways if dim % ways == 0 else dim
   return n
@@ -254,12 +251,6 @@ def activation_bytes_per_token(mcfg: model_lib.ModelConfig, *, tensor_ways: int 
     raise JaxlmError(f"no activation estimate for model.remat={mcfg.remat!r}")
   layers = mcfg.n_layer * kept[mcfg.remat] + (block if mcfg.remat != "none" else 0)
   return layers + once
-
-
-def _mesh_ways(rules: sharding.Rules, mesh_sizes: dict[str, int], logical: str) -> int:
-  spec = nn.logical_to_mesh_axes((logical,), rules)[0]
-  names = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
-  return math.prod(mesh_sizes[n] for n in names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,14 +312,14 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
   # Gradients have the params' shapes and shardings; accumulating microbatches in a scan keeps
   # a running sum beside each microbatch's gradients.
   grad_copies = 2 if cfg.train.grad_accum > 1 else 1
-  batch_ways = _mesh_ways(rules, mesh_sizes, axes.BATCH)
+  batch_ways = sharding.logical_ways(axes.BATCH, rules, mesh_sizes)
   micro_batch = cfg.train.batch_size // cfg.train.grad_accum
   if micro_batch % batch_ways:
     warnings.append(f"train.batch_size={cfg.train.batch_size} (/ grad_accum "
                     f"{cfg.train.grad_accum}) is not divisible by the {batch_ways}-way batch "
                     f"split of mesh {mesh_sizes}: `jaxlm train` would refuse it")
   batch_per_device = max(micro_batch // batch_ways, 1)
-  tensor_ways = _mesh_ways(rules, mesh_sizes, axes.HEADS)
+  tensor_ways = sharding.logical_ways(axes.HEADS, rules, mesh_sizes)
   act_per_token = activation_bytes_per_token(mcfg, tensor_ways=tensor_ways)
   act_dev = int(act_per_token * batch_per_device * mcfg.block_size)
   act_total = int(activation_bytes_per_token(mcfg) * micro_batch * mcfg.block_size)

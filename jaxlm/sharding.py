@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -65,6 +66,18 @@ def local_position(mesh: Mesh, process_index: int | None = None) -> str:
   return ", ".join(parts)
 
 
+def split_ways(mesh_axes: str | tuple[str, ...] | None, mesh_sizes: Mapping[str, int]) -> int:
+  """How many ways one PartitionSpec entry splits a dimension: the product of its mesh axes'
+  sizes (1 for None). `mesh_sizes` is a Mesh's `.shape` or {axis: size} from the config."""
+  names = () if mesh_axes is None else (mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,))
+  return math.prod(int(mesh_sizes[n]) for n in names)
+
+
+def logical_ways(logical: str, rules: Rules, mesh_sizes: Mapping[str, int]) -> int:
+  """How many ways `rules` split logical axis `logical` (axes.BATCH, axes.HEADS, ...)."""
+  return split_ways(nn.logical_to_mesh_axes((logical,), rules)[0], mesh_sizes)
+
+
 def get_rules(name: str) -> Rules:
   if name not in axes.RULES:
     raise JaxlmError(f"unknown mesh.rules={name!r}: expected one of {', '.join(axes.RULES)}")
@@ -86,8 +99,7 @@ def logical_shardings(boxed_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
   def fit(path, value, named: NamedSharding) -> NamedSharding:
     spec = list(named.spec) + [None] * (len(value.shape) - len(named.spec))
     for i, axis in enumerate(spec):
-      names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
-      size = int(np.prod([mesh.shape[n] for n in names]))
+      size = split_ways(axis, mesh.shape)
       if size > 1 and value.shape[i] % size:
         replicated_dims[f"{model_lib.path_name(path)}[{i}]={value.shape[i]}"] = None
         spec[i] = None
@@ -108,9 +120,7 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh, rules: Rules) -> int:
   """How many ways the batch dimension is split (the global batch must divide by this)."""
-  spec = batch_sharding(mesh, rules).spec[0]
-  names = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
-  return int(np.prod([mesh.shape[n] for n in names]))
+  return logical_ways(axes.BATCH, rules, mesh.shape)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

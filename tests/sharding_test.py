@@ -241,6 +241,19 @@ def test_batch_sharding_and_divisor_follow_the_rules():
   assert sharding.batch_divisor(mesh, sharding.get_rules("fsdp_tp")) == 4
 
 
+def test_logical_ways_from_a_mesh_or_from_config_sizes():
+  sizes = {"data": 2, "fsdp": 3, "tensor": 4}
+  fsdp_tp = sharding.get_rules("fsdp_tp")
+  assert sharding.split_ways(None, sizes) == 1
+  assert sharding.split_ways("tensor", sizes) == 4
+  assert sharding.split_ways(("data", "fsdp"), sizes) == 6
+  assert [sharding.logical_ways(a, fsdp_tp, sizes)
+          for a in (axes.BATCH, axes.EMBED, axes.HEADS, axes.HEAD_DIM)] == [6, 3, 4, 1]
+  assert sharding.logical_ways(axes.HEADS, sharding.get_rules("dp"), sizes) == 1
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  assert sharding.logical_ways(axes.BATCH, fsdp_tp, mesh.shape) == 4
+
+
 @pytest.mark.slow
 def test_a_peer_that_never_arrives_is_a_clear_error(tmp_path):
   proc = run_jaxlm("launch", "--num_processes=2", "--process_ids=0", "--devices_per_process=1",
