@@ -1,12 +1,13 @@
 """Decoder-only transformer (GPT-2 and LLaMA families) in flax linen, logical axes on every param.
 
-Read top to bottom: config -> KV cache -> norms, RoPE and dropout -> attention -> MLP -> block
--> DecoderLM -> make_model / init_params / count_params. The projections are kernels.Linear and
-hash dropout is kernels.HashDropout: flax's Dense and Dropout, arranged so XLA:CPU runs them
-faster (jaxlm/kernels.py says how).
+Read top to bottom: parameter path names and config -> KV cache -> norms, RoPE and dropout ->
+attention -> MLP -> block -> DecoderLM -> make_model / init_params / count_params / path_name.
+The projections are kernels.Linear and hash dropout is kernels.HashDropout: flax's Dense and
+Dropout, arranged so XLA:CPU runs them faster (jaxlm/kernels.py says how).
 GPT-2 is LayerNorm, learned positions and a GELU MLP; LLaMA is RMSNorm, rotary positions and a
 SwiGLU MLP. Each piece is its own ModelConfig field, so any mix builds; the parameter paths of
-the GPT-2 pieces do not depend on the others (h_0/attn/query/kernel, wte/embedding, ln_f/scale).
+the GPT-2 pieces do not depend on the others (h_0/attn/query/kernel, wte/embedding, ln_f/scale),
+and every module that reads a path takes its names from the constants below.
 Tensor names end with their shape in the letters of jaxlm/axes.py (B batch, L length, S key
 length, D width, H heads, G kv heads, K head dim, F MLP width, V vocab).
 
@@ -54,7 +55,7 @@ TOKEN_EMBED = "wte"
 POSITION_EMBED = "wpe"  # Only with model.position = learned.
 BLOCKS = "h"  # The stacked blocks under scan_layers; unrolled, block i is block_name(i).
 FINAL_NORM = "ln_f"
-HEAD = "lm_head"  # Only with tie_embeddings = False.
+HEAD = "lm_head"  # Only with model.tie_embeddings = False.
 # Inside a block: h_0/ln_1, h_0/attn, h_0/ln_2, h_0/mlp.
 ATTN_NORM = "ln_1"
 ATTN = "attn"
