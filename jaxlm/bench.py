@@ -184,7 +184,9 @@ def _short_source(source: str) -> str:
   wrappers = ("jit(", "jvp(", "transpose(", "while", "body", "cond", "branch", "closed_call",
               "checkpoint", "remat")
   parts = [p for p in source.split("/") if not p.startswith(wrappers)]
-  name = re.sub(r"\bh_\d+\b", "h_*", "/".join(parts)) or "(no source)"
+  # Every unrolled block under one name (model.block_name(i) for any i).
+  blocks = model_lib.BLOCKS
+  name = re.sub(rf"\b{re.escape(blocks)}_\d+\b", f"{blocks}_*", "/".join(parts)) or "(no source)"
   return name + (" (bwd)" if backward else "")
 
 

@@ -157,10 +157,21 @@ def jaxlm_config(mcfg: model_lib.ModelConfig, family: str, tokenizer_path: str =
 # The tensor map: Hugging Face name -> (jaxlm path, to jaxlm layout, from jaxlm layout).
 # ---------------------------------------------------------------------------------------------
 
+def _attn(i: int, proj: str, leaf: str) -> str:
+  """The jaxlm path of a leaf of block i's attention projection, e.g. h_0/attn/query/kernel."""
+  return f"{model_lib.block_name(i)}/{model_lib.ATTN}/{proj}/{leaf}"
+
+
+def _mlp(i: int, proj: str, leaf: str) -> str:
+  """The jaxlm path of a leaf of block i's MLP projection, e.g. h_0/mlp/fc/kernel."""
+  return f"{model_lib.block_name(i)}/{model_lib.MLP_SUBLAYER}/{proj}/{leaf}"
+
+
 def _tensor_map(mcfg: model_lib.ModelConfig, family: str) -> list[tuple[str, str, Callable,
                                                                          Callable]]:
   """[(hf name, jaxlm path, hf -> jaxlm, jaxlm -> hf)] for every tensor but fused q/k/v."""
   D, H, K = mcfg.d_model, mcfg.n_head, mcfg.head_dim
+  M = model_lib
   same = (lambda x: x, lambda x: x)
   t = (lambda x: x.T, lambda x: x.T)  # torch Linear [out, in] <-> kernel [in, out].
   rows: list[tuple[str, str, Callable, Callable]] = []
@@ -169,40 +180,41 @@ def _tensor_map(mcfg: model_lib.ModelConfig, family: str) -> list[tuple[str, str
     rows.append((hf, path, *fns))
 
   if family == "gpt2":
-    add("transformer.wte.weight", "wte/embedding", same)
-    add("transformer.wpe.weight", "wpe/embedding", same)
+    add("transformer.wte.weight", f"{M.TOKEN_EMBED}/embedding", same)
+    add("transformer.wpe.weight", f"{M.POSITION_EMBED}/embedding", same)
     for i in range(mcfg.n_layer):
-      p, j = f"transformer.h.{i}", f"h_{i}"
-      for ln in ("ln_1", "ln_2"):
-        add(f"{p}.{ln}.weight", f"{j}/{ln}/scale", same)
-        add(f"{p}.{ln}.bias", f"{j}/{ln}/bias", same)
+      p, j = f"transformer.h.{i}", M.block_name(i)
+      for hf_ln, ln in (("ln_1", M.ATTN_NORM), ("ln_2", M.MLP_NORM)):
+        add(f"{p}.{hf_ln}.weight", f"{j}/{ln}/scale", same)
+        add(f"{p}.{hf_ln}.bias", f"{j}/{ln}/bias", same)
       # Conv1D weights are already [in, out].
-      add(f"{p}.attn.c_proj.weight", f"{j}/attn/out/kernel",
+      add(f"{p}.attn.c_proj.weight", _attn(i, M.ATTN_OUT, "kernel"),
           (lambda x: x.reshape(H, K, D), lambda x: x.reshape(H * K, D)))
-      add(f"{p}.attn.c_proj.bias", f"{j}/attn/out/bias", same)
-      add(f"{p}.mlp.c_fc.weight", f"{j}/mlp/fc/kernel", same)
-      add(f"{p}.mlp.c_fc.bias", f"{j}/mlp/fc/bias", same)
-      add(f"{p}.mlp.c_proj.weight", f"{j}/mlp/proj/kernel", same)
-      add(f"{p}.mlp.c_proj.bias", f"{j}/mlp/proj/bias", same)
-    add("transformer.ln_f.weight", "ln_f/scale", same)
-    add("transformer.ln_f.bias", "ln_f/bias", same)
+      add(f"{p}.attn.c_proj.bias", _attn(i, M.ATTN_OUT, "bias"), same)
+      add(f"{p}.mlp.c_fc.weight", _mlp(i, M.MLP_IN, "kernel"), same)
+      add(f"{p}.mlp.c_fc.bias", _mlp(i, M.MLP_IN, "bias"), same)
+      add(f"{p}.mlp.c_proj.weight", _mlp(i, M.MLP_OUT, "kernel"), same)
+      add(f"{p}.mlp.c_proj.bias", _mlp(i, M.MLP_OUT, "bias"), same)
+    add("transformer.ln_f.weight", f"{M.FINAL_NORM}/scale", same)
+    add("transformer.ln_f.bias", f"{M.FINAL_NORM}/bias", same)
   else:
-    add("model.embed_tokens.weight", "wte/embedding", same)
+    add("model.embed_tokens.weight", f"{M.TOKEN_EMBED}/embedding", same)
+    mlp_projs = (("gate_proj", M.MLP_GATE), ("up_proj", M.MLP_IN), ("down_proj", M.MLP_OUT))
     for i in range(mcfg.n_layer):
-      p, j = f"model.layers.{i}", f"h_{i}"
-      add(f"{p}.input_layernorm.weight", f"{j}/ln_1/scale", same)
-      add(f"{p}.post_attention_layernorm.weight", f"{j}/ln_2/scale", same)
-      add(f"{p}.self_attn.o_proj.weight", f"{j}/attn/out/kernel",
+      p, j = f"model.layers.{i}", M.block_name(i)
+      add(f"{p}.input_layernorm.weight", f"{j}/{M.ATTN_NORM}/scale", same)
+      add(f"{p}.post_attention_layernorm.weight", f"{j}/{M.MLP_NORM}/scale", same)
+      add(f"{p}.self_attn.o_proj.weight", _attn(i, M.ATTN_OUT, "kernel"),
           (lambda x: x.T.reshape(H, K, D), lambda x: x.reshape(H * K, D).T))
-      for hf_name, name in (("gate_proj", "gate"), ("up_proj", "fc"), ("down_proj", "proj")):
-        add(f"{p}.mlp.{hf_name}.weight", f"{j}/mlp/{name}/kernel", t)
+      for hf_name, name in mlp_projs:
+        add(f"{p}.mlp.{hf_name}.weight", _mlp(i, name, "kernel"), t)
       if mcfg.bias:
-        add(f"{p}.self_attn.o_proj.bias", f"{j}/attn/out/bias", same)
-        for hf_name, name in (("gate_proj", "gate"), ("up_proj", "fc"), ("down_proj", "proj")):
-          add(f"{p}.mlp.{hf_name}.bias", f"{j}/mlp/{name}/bias", same)
-    add("model.norm.weight", "ln_f/scale", same)
+        add(f"{p}.self_attn.o_proj.bias", _attn(i, M.ATTN_OUT, "bias"), same)
+        for hf_name, name in mlp_projs:
+          add(f"{p}.mlp.{hf_name}.bias", _mlp(i, name, "bias"), same)
+    add("model.norm.weight", f"{M.FINAL_NORM}/scale", same)
   if not mcfg.tie_embeddings:
-    add("lm_head.weight", "lm_head/kernel", t)
+    add("lm_head.weight", f"{M.HEAD}/kernel", t)
   return rows
 
 
@@ -329,11 +341,11 @@ def read_hf(hf_dir: str, param_dtype: str = "float32"
     except ValueError:
       raise JaxlmError(f"the query/key/value tensors of layer {i} ({', '.join(names)}) do not "
                        f"fit the config in {cfg_path}") from None
-    put(f"h_{i}/attn/query/kernel", qkv_kernel[0], names[0], qkv_kernel[0].shape)
-    put(f"h_{i}/attn/key_value/kernel", qkv_kernel[1], names[0], qkv_kernel[1].shape)
+    put(_attn(i, model_lib.QUERY, "kernel"), qkv_kernel[0], names[0], qkv_kernel[0].shape)
+    put(_attn(i, model_lib.KEY_VALUE, "kernel"), qkv_kernel[1], names[0], qkv_kernel[1].shape)
     if qkv_bias is not None:
-      put(f"h_{i}/attn/query/bias", qkv_bias[0], names[-1], qkv_bias[0].shape)
-      put(f"h_{i}/attn/key_value/bias", qkv_bias[1], names[-1], qkv_bias[1].shape)
+      put(_attn(i, model_lib.QUERY, "bias"), qkv_bias[0], names[-1], qkv_bias[0].shape)
+      put(_attn(i, model_lib.KEY_VALUE, "bias"), qkv_bias[1], names[-1], qkv_bias[1].shape)
   return family, mcfg, params
 
 
@@ -345,7 +357,7 @@ def _abstract_shapes(mcfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
   boxed = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]:
-    out["/".join(str(p.key) for p in path)] = tuple(leaf.shape)
+    out[model_lib.path_name(path)] = tuple(leaf.shape)
   return out
 
 
@@ -427,13 +439,13 @@ def export_hf(workdir: str, out_dir: str) -> dict[str, Any]:
         tensors[hf_name] = np.ascontiguousarray(to_hf(_get(params, path)))
     if block >= 0:
       names = _qkv_names(mcfg, family, block)
-      q = _get(params, f"h_{block}/attn/query/kernel")
-      kv = _get(params, f"h_{block}/attn/key_value/kernel")
+      q = _get(params, _attn(block, model_lib.QUERY, "kernel"))
+      kv = _get(params, _attn(block, model_lib.KEY_VALUE, "kernel"))
       if family == "gpt2":
         tensors[names[0]] = np.concatenate(
             [q.reshape(D, H * K), kv[:, 0].reshape(D, G * K), kv[:, 1].reshape(D, G * K)], 1)
-        qb = _get(params, f"h_{block}/attn/query/bias")
-        kvb = _get(params, f"h_{block}/attn/key_value/bias")
+        qb = _get(params, _attn(block, model_lib.QUERY, "bias"))
+        kvb = _get(params, _attn(block, model_lib.KEY_VALUE, "bias"))
         tensors[names[1]] = np.concatenate([qb.reshape(-1), kvb[0].reshape(-1),
                                             kvb[1].reshape(-1)])
       else:
@@ -441,8 +453,8 @@ def export_hf(workdir: str, out_dir: str) -> dict[str, Any]:
         tensors[names[1]] = np.ascontiguousarray(kv[:, 0].reshape(D, G * K).T)
         tensors[names[2]] = np.ascontiguousarray(kv[:, 1].reshape(D, G * K).T)
         if mcfg.bias:
-          qb = _get(params, f"h_{block}/attn/query/bias")
-          kvb = _get(params, f"h_{block}/attn/key_value/bias")
+          qb = _get(params, _attn(block, model_lib.QUERY, "bias"))
+          kvb = _get(params, _attn(block, model_lib.KEY_VALUE, "bias"))
           tensors[names[3]] = qb.reshape(-1)
           tensors[names[4]] = kvb[0].reshape(-1)
           tensors[names[5]] = kvb[1].reshape(-1)

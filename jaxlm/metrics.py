@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import devices
+from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.host import xla
 
@@ -102,15 +103,16 @@ LAYER_STAT_PREFIXES = ("params/norm", "grads/norm", "update_ratio")
 def group_sq_norms(tree: dict[str, Any], stacked: str | None = None) -> dict[str, jax.Array]:
   """Float32 sum of squares of each top-level subtree (one per layer: h_0, ..., wte, ln_f).
 
-  The subtree named `stacked` holds layers stacked on axis 0 (nn.scan): it gives one entry per
-  layer, named `<stacked>_<i>` as an unstacked model would name them.
+  The subtree named `stacked` (model.BLOCKS under scan_layers) holds the blocks stacked on
+  axis 0 (nn.scan): it gives one entry per block, named model.block_name(i) as an unstacked
+  model would name them.
   """
   out = {}
   for name, sub in tree.items():
     if name == stacked:
       per_layer = sum(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=tuple(range(1, x.ndim)))
                       for x in jax.tree.leaves(sub))
-      out.update({f"{name}_{i}": per_layer[i] for i in range(per_layer.shape[0])})
+      out.update({model_lib.block_name(i): per_layer[i] for i in range(per_layer.shape[0])})
     else:
       out[name] = sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(sub))
   return out

@@ -1,10 +1,13 @@
 """Decoder-only transformer (GPT-2 and LLaMA families) in flax linen, logical axes on every param.
 
-Read top to bottom: config -> KV cache -> norms and RoPE -> Linear and HashDropout (flax's Dense
-and Dropout, made faster on CPU) -> attention -> MLP -> block -> model.
+Read top to bottom: parameter path names and config -> KV cache -> norms, RoPE and dropout ->
+attention -> MLP -> block -> DecoderLM -> make_model / init_params / count_params / path_name.
+The projections are kernels.Linear and hash dropout is kernels.HashDropout: flax's Dense and
+Dropout, arranged so XLA:CPU runs them faster (jaxlm/kernels.py says how).
 GPT-2 is LayerNorm, learned positions and a GELU MLP; LLaMA is RMSNorm, rotary positions and a
 SwiGLU MLP. Each piece is its own ModelConfig field, so any mix builds; the parameter paths of
-the GPT-2 pieces do not depend on the others (h_0/attn/query/kernel, wte/embedding, ln_f/scale).
+the GPT-2 pieces do not depend on the others (h_0/attn/query/kernel, wte/embedding, ln_f/scale),
+and every module that reads a path takes its names from the constants below.
 Tensor names end with their shape in the letters of jaxlm/axes.py (B batch, L length, S key
 length, D width, H heads, G kv heads, K head dim, F MLP width, V vocab).
 
@@ -29,20 +32,53 @@ import jax.numpy as jnp
 
 from jaxlm import axes
 from jaxlm.errors import JaxlmError
+from jaxlm.kernels import HashDropout, Linear
 
 PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# What the backward pass may keep from the forward pass of a block (the rest is recomputed):
-# "full" keeps only the block's input, "dots" also keeps matmul outputs (cheap to store, the
-# costly part to recompute).
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu")
+# What the backward pass may keep from the forward pass of a block (the rest is recomputed):
+# "full" keeps only the block's input, "dots" also keeps matmul outputs (cheap to store, the
+# costly part to recompute).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+# Parameter path names: the modules below take their `name=` from these, and checkpoints,
+# jaxlm/hf.py's tensor map, the parameter report and the per-layer stats key on them. Renaming
+# one would orphan every saved run, so they are written once, here.
+TOKEN_EMBED = "wte"
+POSITION_EMBED = "wpe"  # Only with model.position = learned.
+BLOCKS = "h"  # The stacked blocks under scan_layers; unrolled, block i is block_name(i).
+FINAL_NORM = "ln_f"
+HEAD = "lm_head"  # Only with model.tie_embeddings = False.
+# Inside a block: h_0/ln_1, h_0/attn, h_0/ln_2, h_0/mlp.
+ATTN_NORM = "ln_1"
+ATTN = "attn"
+MLP_NORM = "ln_2"
+MLP_SUBLAYER = "mlp"
+# Projections: h_0/attn/query, .../key_value, .../out; h_0/mlp/fc, .../gate, .../proj.
+QUERY = "query"
+KEY_VALUE = "key_value"
+ATTN_OUT = "out"
+MLP_IN = "fc"  # LLaMA's up projection.
+MLP_GATE = "gate"  # SwiGLU only.
+MLP_OUT = "proj"
+
+
+def block_name(i: int) -> str:
+  """The name of block i when the blocks are unrolled: h_0, h_1, ..."""
+  return f"{BLOCKS}_{i}"
+
+
+def block_index(name: str) -> int | None:
+  """i for the name block_name(i); None for any other name."""
+  digits = name.removeprefix(f"{BLOCKS}_")
+  return int(digits) if digits != name and digits.isascii() and digits.isdigit() else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +102,8 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype of matmuls; softmax, logits and loss always run in f32.
   param_dtype: str = "float32"
   remat: str = "none"  # Recompute activations in the backward pass: none | full | dots.
-  # Dropout masks from a counter hash fused into the masked op (see HashDropout) instead of
-  # jax.random.bernoulli; train.dropout_rng = "hash" sets it.
+  # Dropout masks from a counter hash fused into the masked op (kernels.HashDropout) instead
+  # of jax.random.bernoulli; train.dropout_rng = "hash" sets it.
   hash_dropout: bool = False
   scan_layers: bool = False  # One scanned block (params stacked on a `layers` axis).
   attention_block: int = 0  # Training attention in query blocks of this many rows; 0 = one.
@@ -122,8 +158,8 @@ class LayerCache:
   """Keys and values of one attention layer for S = block_size slots (slot s = position s).
 
   Heads come before slots so that both attention matmuls read the cache as it is laid out;
-  with slots first, XLA transposed every layer's cache for every decoded token (a decode step
-  of shakespeare_char_large took 2.3x as long at B=8 on CPU).
+  with slots first, XLA transposed every layer's cache for every decoded token
+  (experiments/sampling_bench/README.md has the measurement).
   """
   k_BxGxSxK: jax.Array
   v_BxGxSxK: jax.Array
@@ -191,122 +227,6 @@ def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Ar
   return (x * cos_BxLx1xK + rotated_BxLxHxK * sin_BxLx1xK).astype(x_BxLxHxK.dtype)
 
 
-@jax.custom_vjp
-def _add_bias(y_NxF: jax.Array, bias_F: jax.Array) -> jax.Array:
-  """y + bias, whose bias gradient is a matrix-vector product (ones @ g) instead of a sum."""
-  return y_NxF + bias_F[None]
-
-
-def _add_bias_fwd(y_NxF, bias_F):
-  return _add_bias(y_NxF, bias_F), None
-
-
-def _add_bias_bwd(_, g_NxF):
-  # XLA:CPU splits a long reduction into windows of 32 rows, in several passes over g; the
-  # matvec reads g once (shakespeare_char_large's [16384, 1536] bias: ~30 ms -> ~8 ms).
-  ones_N = jnp.ones(g_NxF.shape[:1], g_NxF.dtype)
-  grad = jax.lax.dot_general(ones_N, g_NxF, (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32)
-  return g_NxF, grad.astype(g_NxF.dtype)
-
-
-_add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
-
-
-class Linear(nn.Module):
-  """y = x @ kernel + bias over the last `in_dims` dims of x: flax's nn.Dense / DenseGeneral
-  (the same parameter names, shapes and initial values), computed on rows.
-
-  x's leading dims (batch, length) are flattened into one row dim N first. With [B, L] kept as
-  two dims, every weight gradient contracted over two dims and XLA:CPU transposed an operand
-  in memory to do it (a [16384, 1536] copy for shakespeare_char_large's MLP); over one dim it
-  calls the matmul with a transpose flag instead. The kernel keeps its shape (e.g. [D, H, K]),
-  so a sharded head axis stays sharded.
-  """
-  features: tuple[int, ...]
-  kernel_init: nn.initializers.Initializer
-  bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
-  in_dims: int = 1
-  use_bias: bool = True
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    lead, in_shape = x.shape[:x.ndim - self.in_dims], x.shape[x.ndim - self.in_dims:]
-    fan_in, fan_out = math.prod(in_shape), math.prod(self.features)
-
-    def flat_init(init, flat_shape, shape):
-      # As flax: initialise the [fan_in, fan_out] matrix (or the flat bias), then reshape.
-      def init_fn(rng, _, dtype):
-        value = init(rng, flat_shape, dtype)
-        if isinstance(value, nn.meta.AxisMetadata):
-          return nn.meta.replace_boxed(value, value.unbox().reshape(shape))
-        return value.reshape(shape)
-      return init_fn
-
-    kernel_shape = in_shape + self.features
-    kernel = self.param("kernel", flat_init(self.kernel_init, (fan_in, fan_out), kernel_shape),
-                        kernel_shape, self.param_dtype)
-    x_NxI = x.reshape(-1, *in_shape).astype(self.dtype)
-    contract = (tuple(range(1, 1 + self.in_dims)), tuple(range(self.in_dims)))
-    y = jax.lax.dot_general(x_NxI, kernel.astype(self.dtype), (contract, ((), ())))
-    if self.use_bias:
-      bias = self.param("bias", flat_init(self.bias_init, (fan_out,), self.features),
-                        self.features, self.param_dtype)
-      y = _add_bias(y, bias.astype(self.dtype))
-    return y.reshape(*lead, *self.features)
-
-
-def _fmix32(h: jax.Array) -> jax.Array:
-  """MurmurHash3's 32-bit finaliser: a bijection of uint32 in which every input bit flips
-  each output bit with probability ~1/2."""
-  h = h ^ (h >> 16)
-  h = h * jnp.uint32(0x85EBCA6B)
-  h = h ^ (h >> 13)
-  h = h * jnp.uint32(0xC2B2AE35)
-  return h ^ (h >> 16)
-
-
-def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """uint32 bits for every element of `shape`: a hash of (key, row, column), no stored state.
-
-  Row = flat index over all but the last dimension, column = index in the last one. Each is
-  mixed with its own 32 key bits by a bijection (so two rows, or two columns, never share
-  their mixed value), the two are combined and mixed again. Unlike jax.random.bits, the bits
-  are a pure elementwise function of an iota, so XLA fuses them into the op that uses the
-  mask and never writes them to memory. Rows wrap past 2**32 (arrays of >= 2**32 rows).
-  """
-  k_row, k_col = jax.random.bits(key, (2,), jnp.uint32)
-  row = jnp.zeros(shape, jnp.uint32)
-  stride = 1
-  for dim in range(len(shape) - 2, -1, -1):
-    row = row + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride % 2**32)
-    stride *= shape[dim]
-  col = jax.lax.broadcasted_iota(jnp.uint32, shape, len(shape) - 1)
-  return _fmix32(_fmix32(row ^ k_row) ^ _fmix32(col ^ k_col))
-
-
-class HashDropout(nn.Module):
-  """Inverted dropout (as nn.Dropout) whose keep mask is `hash_bits(key) >= rate * 2**32`.
-
-  On CPU, masks from jax.random are an RNG kernel that writes 4 bytes per element and a
-  select that reads them back; for the attention probabilities of shakespeare_char_large
-  (25M elements a layer) that was a fifth of the train step. The hash is ~25 integer ops
-  per element inside the softmax fusion. The drop probability is exact to 2**-32; the masks
-  differ from jax.random's (tests/model_test.py checks their rate and independence).
-  """
-  rate: float
-
-  @nn.compact
-  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    if deterministic or self.rate == 0.0:
-      return x
-    threshold = jnp.uint32(min(round(self.rate * 2**32), 2**32 - 1))
-    keep = hash_bits(self.make_rng("dropout"), x.shape) >= threshold
-    return jnp.where(keep, x / (1.0 - self.rate), jnp.zeros_like(x))
-
-
 def dropout(cfg: ModelConfig) -> nn.Module:
   """The dropout module of cfg: flax's (masks from jax.random) or HashDropout."""
   return HashDropout(cfg.dropout) if cfg.hash_dropout else nn.Dropout(cfg.dropout)
@@ -325,11 +245,11 @@ class CausalSelfAttention(nn.Module):
                  param_dtype=DTYPES[cfg.param_dtype])
     q_BxLxHxK = Linear(
         (H, K), kernel_init=_init(INIT_STD, (axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
-        bias_init=_zeros((axes.HEADS, axes.HEAD_DIM)), name="query", **dense)(x_BxLxD)
+        bias_init=_zeros((axes.HEADS, axes.HEAD_DIM)), name=QUERY, **dense)(x_BxLxD)
     # Keys and values share one projection: one matmul instead of two.
     kv_BxLx2xGxK = Linear(
         (2, G, K), kernel_init=_init(INIT_STD, (axes.EMBED, None, axes.KV_HEADS, axes.HEAD_DIM)),
-        bias_init=_zeros((None, axes.KV_HEADS, axes.HEAD_DIM)), name="key_value",
+        bias_init=_zeros((None, axes.KV_HEADS, axes.HEAD_DIM)), name=KEY_VALUE,
         **dense)(x_BxLxD)
     k_BxSxGxK, v_BxSxGxK = kv_BxLx2xGxK[:, :, 0], kv_BxLx2xGxK[:, :, 1]
 
@@ -343,7 +263,7 @@ class CausalSelfAttention(nn.Module):
     # Grouped-query attention: each of the G kv heads serves R = H // G query heads. Attention
     # runs head-major (heads before positions): its batched matmuls then read and write
     # contiguous [positions x head_dim] matrices. One transpose of q, k and v each (and of the
-    # output) replaces the copies XLA made per query block; the large step is ~3-6% faster.
+    # output) replaces the copies XLA made per query block.
     q_BxGxRxLxK = q_BxLxHxK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4)
 
     def attend(q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, visible):
@@ -386,7 +306,7 @@ class CausalSelfAttention(nn.Module):
         (cfg.d_model,), in_dims=2,
         kernel_init=_init(INIT_STD / math.sqrt(2 * cfg.n_layer),
                           (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
-        bias_init=_zeros((axes.EMBED,)), name="out", **dense)(out_BxLxHxK)
+        bias_init=_zeros((axes.EMBED,)), name=ATTN_OUT, **dense)(out_BxLxHxK)
     return dropout(cfg)(out_BxLxD, deterministic=not train), cache
 
 
@@ -400,18 +320,18 @@ class MLP(nn.Module):
     dense = dict(use_bias=cfg.bias, dtype=DTYPES[cfg.dtype],
                  param_dtype=DTYPES[cfg.param_dtype])
     h_BxLxF = Linear((cfg.ff_dim,), kernel_init=_init(INIT_STD, (axes.EMBED, axes.MLP)),
-                     bias_init=_zeros((axes.MLP,)), name="fc", **dense)(x_BxLxD)
+                     bias_init=_zeros((axes.MLP,)), name=MLP_IN, **dense)(x_BxLxD)
     if cfg.mlp == "swiglu":
       # Shazeer 2020: a SiLU-gated linear unit; `fc` is LLaMA's up projection.
       gate_BxLxF = Linear((cfg.ff_dim,), kernel_init=_init(INIT_STD, (axes.EMBED, axes.MLP)),
-                          bias_init=_zeros((axes.MLP,)), name="gate", **dense)(x_BxLxD)
+                          bias_init=_zeros((axes.MLP,)), name=MLP_GATE, **dense)(x_BxLxD)
       h_BxLxF = nn.silu(gate_BxLxF) * h_BxLxF
     else:
       h_BxLxF = nn.gelu(h_BxLxF, approximate=True)  # GPT-2 uses the tanh approximation.
     out_BxLxD = Linear((cfg.d_model,),
                        kernel_init=_init(INIT_STD / math.sqrt(2 * cfg.n_layer),
                                          (axes.MLP, axes.EMBED)),
-                       bias_init=_zeros((axes.EMBED,)), name="proj", **dense)(h_BxLxF)
+                       bias_init=_zeros((axes.EMBED,)), name=MLP_OUT, **dense)(h_BxLxF)
     return dropout(cfg)(out_BxLxD, deterministic=not train)
 
 
@@ -428,12 +348,12 @@ class Block(nn.Module):
   def __call__(self, x_BxLxD: jax.Array, cache: LayerCache | None = None,
                positions_BxL: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
     cfg, dtype = self.cfg, x_BxLxD.dtype
-    h_BxLxD = layer_norm(cfg, "ln_1")(x_BxLxD).astype(dtype)
-    attn_BxLxD, cache = CausalSelfAttention(cfg, name="attn")(
+    h_BxLxD = layer_norm(cfg, ATTN_NORM)(x_BxLxD).astype(dtype)
+    attn_BxLxD, cache = CausalSelfAttention(cfg, name=ATTN)(
         h_BxLxD, train=self.train, positions_BxL=positions_BxL, cache=cache)
     x_BxLxD = x_BxLxD + attn_BxLxD
-    h_BxLxD = layer_norm(cfg, "ln_2")(x_BxLxD).astype(dtype)
-    x_BxLxD = x_BxLxD + MLP(cfg, name="mlp")(h_BxLxD, train=self.train)
+    h_BxLxD = layer_norm(cfg, MLP_NORM)(x_BxLxD).astype(dtype)
+    x_BxLxD = x_BxLxD + MLP(cfg, name=MLP_SUBLAYER)(h_BxLxD, train=self.train)
     return x_BxLxD, cache
 
 
@@ -464,13 +384,13 @@ class DecoderLM(nn.Module):
     # Embedding lookups are free, so the tables are kept (and read) in float32.
     wte = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.float32,
                    param_dtype=DTYPES[cfg.param_dtype],
-                   embedding_init=_init(INIT_STD, (axes.VOCAB, axes.EMBED)), name="wte")
+                   embedding_init=_init(INIT_STD, (axes.VOCAB, axes.EMBED)), name=TOKEN_EMBED)
     if cfg.position == "rope":
       x_BxLxD = wte(tokens_BxL)  # Positions enter inside attention instead.
     else:
       wpe = nn.Embed(cfg.block_size, cfg.d_model, dtype=jnp.float32,
                      param_dtype=DTYPES[cfg.param_dtype],
-                     embedding_init=_init(INIT_STD, (None, axes.EMBED)), name="wpe")
+                     embedding_init=_init(INIT_STD, (None, axes.EMBED)), name=POSITION_EMBED)
       if positions_BxL is None:
         x_BxLxD = wte(tokens_BxL) + wpe(jnp.arange(L))[None]
       else:
@@ -486,15 +406,15 @@ class DecoderLM(nn.Module):
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
                       "dropout": True}, in_axes=(0, nn.broadcast), length=cfg.n_layer,
                       metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-      x_BxLxD, cache = stack(cfg, train=train, name="h")(x_BxLxD, cache, positions_BxL)
+      x_BxLxD, cache = stack(cfg, train=train, name=BLOCKS)(x_BxLxD, cache, positions_BxL)
     else:
       layer_caches = []
       for i in range(cfg.n_layer):
-        x_BxLxD, layer_cache = block(cfg, train=train, name=f"h_{i}")(
+        x_BxLxD, layer_cache = block(cfg, train=train, name=block_name(i))(
             x_BxLxD, None if cache is None else cache[i], positions_BxL)
         layer_caches.append(layer_cache)
       cache = None if cache is None else tuple(layer_caches)
-    x_BxLxD = layer_norm(cfg, "ln_f")(x_BxLxD)
+    x_BxLxD = layer_norm(cfg, FINAL_NORM)(x_BxLxD)
     if cfg.tie_embeddings:
       # Weight tying (Press & Wolf, 2017): the output head reuses the token embedding.
       logits_BxLxV = wte.attend(x_BxLxD)
@@ -502,7 +422,7 @@ class DecoderLM(nn.Module):
       logits_BxLxV = Linear((cfg.vocab_size,), use_bias=False, dtype=jnp.float32,
                             param_dtype=DTYPES[cfg.param_dtype],
                             kernel_init=_init(INIT_STD, (axes.EMBED, axes.VOCAB)),
-                            name="lm_head")(x_BxLxD)
+                            name=HEAD)(x_BxLxD)
     return logits_BxLxV if cache is None else (logits_BxLxV, cache)
 
 
@@ -511,7 +431,7 @@ def make_model(cfg: ModelConfig) -> DecoderLM:
 
 
 def init_params(model: DecoderLM, rng: jax.Array) -> PyTree:
-  """Boxed params ({'wte': {'embedding': Partitioned}, ...}); train.py unboxes them."""
+  """Boxed params ({'wte': {'embedding': Partitioned}, ...}); nn.unbox gives plain arrays."""
   tokens_1xL = jnp.zeros((1, model.cfg.block_size), dtype=jnp.int32)
   return model.init({"params": rng}, tokens_1xL, train=False)["params"]
 
@@ -522,4 +442,13 @@ def count_params(params: PyTree) -> int:
 
 def matmul_params(params: PyTree) -> int:
   """Parameters that take part in matmuls: all but the position embedding table."""
-  return count_params(params) - count_params(params.get("wpe", {}))
+  return count_params(params) - count_params(params.get(POSITION_EMBED, {}))
+
+
+def path_name(path: tuple[Any, ...]) -> str:
+  """The "h_0/attn/query/kernel" name of a parameter's key path (jax.tree_util *_with_path).
+
+  Only dict keys name parameters: the attribute keys that boxes add (nn.Partitioned's
+  `.value`) are dropped, so boxed, abstract and plain trees give the same names.
+  """
+  return "/".join(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))

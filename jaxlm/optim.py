@@ -8,6 +8,7 @@ import jax
 import ml_collections
 import optax
 
+from jaxlm import model as model_lib
 from jaxlm.errors import JaxlmError
 
 PyTree = Any
@@ -27,9 +28,7 @@ def make_schedule(opt_cfg: ml_collections.ConfigDict, total_steps: int) -> optax
 def decay_mask(params: PyTree) -> PyTree:
   """Weight decay on matrices and embeddings only, never on biases or norm scales (GPT-2)."""
   def decays(path, _):
-    # Only dict keys name parameters (boxed trees add attribute keys such as `.value`).
-    names = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
-    return bool(names) and names[-1] in ("kernel", "embedding")
+    return model_lib.path_name(path).rpartition("/")[2] in ("kernel", "embedding")
   return jax.tree_util.tree_map_with_path(decays, params)
 
 

@@ -86,20 +86,21 @@ class Tensor:
     return self.path.split("/", 1)[0]
 
 
-def _path_name(path: tuple[Any, ...]) -> str:
-  # Only dict keys name parameters (boxes add attribute keys such as `.value`).
-  return "/".join(str(p.key) for p in path if isinstance(p, jax.tree_util.DictKey))
-
-
 def _is_box(x: Any) -> bool:
   return isinstance(x, nn.Partitioned)
 
 
+# Where each top-level module sorts; the blocks (2) sort among themselves by their index.
+_LAYER_ORDER = {model_lib.TOKEN_EMBED: 0, model_lib.POSITION_EMBED: 1, model_lib.FINAL_NORM: 3,
+                model_lib.HEAD: 4}
+
+
 def layer_sort_key(layer: str) -> tuple[int, int, str]:
   """Model order: embeddings, blocks h_0 .. h_{n-1} (numerically), final norm, head."""
-  if layer.startswith("h_") and layer[2:].isdigit():
-    return (2, int(layer[2:]), layer)
-  return ({"wte": 0, "wpe": 1, "ln_f": 3, "lm_head": 4}.get(layer, 5), 0, layer)
+  i = model_lib.block_index(layer)
+  if i is not None:
+    return (2, i, layer)
+  return (_LAYER_ORDER.get(layer, 5), 0, layer)
 
 
 def tensors(params: PyTree) -> list[Tensor]:
@@ -108,7 +109,7 @@ def tensors(params: PyTree) -> list[Tensor]:
   for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_box)[0]:
     names = tuple(leaf.names) if _is_box(leaf) else None
     value = leaf.value if _is_box(leaf) else leaf
-    rows.append(Tensor(_path_name(path), tuple(int(d) for d in value.shape),
+    rows.append(Tensor(model_lib.path_name(path), tuple(int(d) for d in value.shape),
                        np.dtype(value.dtype).name, names))
   return sorted(rows, key=lambda t: layer_sort_key(t.layer))  # Stable: keeps order in a layer.
 
@@ -157,7 +158,8 @@ def count_by_layer(rows: Iterable[Tensor]) -> dict[str, int]:
   for t in rows:
     if t.logical_axes and t.logical_axes[0] == axes.LAYERS:
       for i in range(t.shape[0]):
-        out[f"{t.layer}_{i}"] = out.get(f"{t.layer}_{i}", 0) + t.count // t.shape[0]
+        name = model_lib.block_name(i)
+        out[name] = out.get(name, 0) + t.count // t.shape[0]
     else:
       out[t.layer] = out.get(t.layer, 0) + t.count
   return {k: out[k] for k in sorted(out, key=layer_sort_key)}
@@ -175,10 +177,7 @@ def shard_elements(shape: tuple[int, ...], names: tuple[str | None, ...] | None,
   spec = nn.logical_to_mesh_axes(names, rules)
   n = 1
   for i, dim in enumerate(shape):
-    mesh_axes = spec[i] if i < len(spec) else None
-    mesh_axes = () if mesh_axes is None else (
-        mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,))
-    ways = math.prod(mesh_sizes[a] for a in mesh_axes)
+    ways = sharding.split_ways(spec[i] if i < len(spec) else None, mesh_sizes)
     # sharding.logical_shardings replicates a dimension the mesh does not divide evenly.
     n *= dim // ways if dim % ways == 0 else dim
   return n
@@ -232,12 +231,6 @@ def activation_bytes_per_token(mcfg: model_lib.ModelConfig, *, tensor_ways: int 
     raise JaxlmError(f"no activation estimate for model.remat={mcfg.remat!r}")
   layers = mcfg.n_layer * kept[mcfg.remat] + (block if mcfg.remat != "none" else 0)
   return layers + once
-
-
-def _mesh_ways(rules: sharding.Rules, mesh_sizes: dict[str, int], logical: str) -> int:
-  spec = nn.logical_to_mesh_axes((logical,), rules)[0]
-  names = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
-  return math.prod(mesh_sizes[n] for n in names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -300,14 +293,14 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
   # Gradients have the params' shapes and shardings; accumulating microbatches in a scan keeps
   # a running sum beside each microbatch's gradients.
   grad_copies = 2 if cfg.train.grad_accum > 1 else 1
-  batch_ways = _mesh_ways(rules, mesh_sizes, axes.BATCH)
+  batch_ways = sharding.logical_ways(axes.BATCH, rules, mesh_sizes)
   micro_batch = cfg.train.batch_size // cfg.train.grad_accum
   if micro_batch % batch_ways:
     warnings.append(f"train.batch_size={cfg.train.batch_size} (/ grad_accum "
                     f"{cfg.train.grad_accum}) is not divisible by the {batch_ways}-way batch "
                     f"split of mesh {mesh_sizes}: `jaxlm train` would refuse it")
   batch_per_device = max(micro_batch // batch_ways, 1)
-  tensor_ways = _mesh_ways(rules, mesh_sizes, axes.HEADS)
+  tensor_ways = sharding.logical_ways(axes.HEADS, rules, mesh_sizes)
   act_per_token = activation_bytes_per_token(mcfg, tensor_ways=tensor_ways)
   act_dev = int(act_per_token * batch_per_device * mcfg.block_size)
   act_total = int(activation_bytes_per_token(mcfg) * micro_batch * mcfg.block_size)
@@ -456,18 +449,14 @@ def drift_report(params: PyTree, params0: PyTree, *, scanned: bool = False) -> d
           "most_changed": [r["path"] for r in sorted(rows, key=lambda r: -r["delta_rms"])[:5]]}
 
 
-# The name model.DecoderLM gives its stack of blocks under scan_layers (params [N, ...]).
-SCANNED_STACK = "h"
-
-
 def _flat(params: PyTree, scanned: bool) -> list[tuple[str, Any]]:
   out = []
   for path, x in jax.tree_util.tree_flatten_with_path(nn.unbox(params))[0]:
-    name = _path_name(path)
+    name = model_lib.path_name(path)
     top, _, rest = name.partition("/")
-    if scanned and top == SCANNED_STACK:
+    if scanned and top == model_lib.BLOCKS:  # The stacked blocks: params [N, ...].
       stack = np.asarray(x)
-      out += [(f"{top}_{i}/{rest}", stack[i]) for i in range(stack.shape[0])]
+      out += [(f"{model_lib.block_name(i)}/{rest}", stack[i]) for i in range(stack.shape[0])]
     else:
       out.append((name, x))
   return out

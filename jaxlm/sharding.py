@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -12,6 +13,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import axes
+from jaxlm import model as model_lib
 from jaxlm.errors import JaxlmError
 
 PyTree = Any
@@ -64,6 +66,18 @@ def local_position(mesh: Mesh, process_index: int | None = None) -> str:
   return ", ".join(parts)
 
 
+def split_ways(mesh_axes: str | tuple[str, ...] | None, mesh_sizes: Mapping[str, int]) -> int:
+  """How many ways one PartitionSpec entry splits a dimension: the product of its mesh axes'
+  sizes (1 for None). `mesh_sizes` is a Mesh's `.shape` or {axis: size} from the config."""
+  names = () if mesh_axes is None else (mesh_axes if isinstance(mesh_axes, tuple) else (mesh_axes,))
+  return math.prod(int(mesh_sizes[n]) for n in names)
+
+
+def logical_ways(logical: str, rules: Rules, mesh_sizes: Mapping[str, int]) -> int:
+  """How many ways `rules` split logical axis `logical` (axes.BATCH, axes.HEADS, ...)."""
+  return split_ways(nn.logical_to_mesh_axes((logical,), rules)[0], mesh_sizes)
+
+
 def get_rules(name: str) -> Rules:
   if name not in axes.RULES:
     raise JaxlmError(f"unknown mesh.rules={name!r}: expected one of {', '.join(axes.RULES)}")
@@ -78,22 +92,23 @@ def logical_shardings(boxed_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
   """
   specs = nn.get_partition_spec(boxed_tree)
   shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-  replicated_dims = []
+  # Keyed by parameter name: a parameter's optimizer moments share its name, shape and axes,
+  # so each replicated dimension is named once (a dict as an ordered set).
+  replicated_dims: dict[str, None] = {}
 
   def fit(path, value, named: NamedSharding) -> NamedSharding:
     spec = list(named.spec) + [None] * (len(value.shape) - len(named.spec))
     for i, axis in enumerate(spec):
-      names = () if axis is None else (axis if isinstance(axis, tuple) else (axis,))
-      size = int(np.prod([mesh.shape[n] for n in names]))
+      size = split_ways(axis, mesh.shape)
       if size > 1 and value.shape[i] % size:
-        replicated_dims.append(f"{jax.tree_util.keystr(path)}[{i}]={value.shape[i]}")
+        replicated_dims[f"{model_lib.path_name(path)}[{i}]={value.shape[i]}"] = None
         spec[i] = None
     return NamedSharding(mesh, PartitionSpec(*spec))
 
   fitted = jax.tree_util.tree_map_with_path(fit, nn.unbox(boxed_tree), shardings)
   if replicated_dims:
     logging.warning("replicating %d dimension(s) that the mesh %s does not divide evenly, e.g. %s",
-                    len(replicated_dims), dict(mesh.shape), ", ".join(replicated_dims[:3]))
+                    len(replicated_dims), dict(mesh.shape), ", ".join(list(replicated_dims)[:3]))
   return fitted
 
 
@@ -105,9 +120,7 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 def batch_divisor(mesh: Mesh, rules: Rules) -> int:
   """How many ways the batch dimension is split (the global batch must divide by this)."""
-  spec = batch_sharding(mesh, rules).spec[0]
-  names = () if spec is None else (spec if isinstance(spec, tuple) else (spec,))
-  return int(np.prod([mesh.shape[n] for n in names]))
+  return logical_ways(axes.BATCH, rules, mesh.shape)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

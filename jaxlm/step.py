@@ -93,8 +93,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], base_rng: jax.Arr
   step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                   "param_norm": optax.tree.norm(params)}
   if layer_stats:
-    # Under scan_layers the blocks are one stacked subtree, "h"; report them per layer anyway.
-    stacked = "h" if model.cfg.scan_layers else None
+    # Under scan_layers the blocks are one stacked subtree; report them per layer anyway.
+    stacked = model_lib.BLOCKS if model.cfg.scan_layers else None
     compute = functools.partial(metrics.layer_stats_of, stacked=stacked)
     operands = (params, grads, updates)
     shapes = jax.eval_shape(compute, operands)

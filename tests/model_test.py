@@ -60,6 +60,46 @@ def test_every_parameter_has_logical_axes():
     assert len(x.names) == len(x.value.shape)
 
 
+def param_paths(**overrides):
+  model = model_lib.make_model(model_lib.ModelConfig(**{**TINY, **overrides}))
+  boxed = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
+  return {"/".join(p.key for p in path) for path, _ in
+          jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]}
+
+
+def test_parameter_paths_are_the_ones_saved_checkpoints_hold():
+  """Written out, not built from model.py's names: a rename must fail here, not orphan runs."""
+  gpt2_block = ["ln_1/scale", "ln_1/bias", "attn/query/kernel", "attn/query/bias",
+                "attn/key_value/kernel", "attn/key_value/bias", "attn/out/kernel", "attn/out/bias",
+                "ln_2/scale", "ln_2/bias", "mlp/fc/kernel", "mlp/fc/bias", "mlp/proj/kernel",
+                "mlp/proj/bias"]
+  top = {"wte/embedding", "wpe/embedding", "ln_f/scale", "ln_f/bias"}
+  assert param_paths(tie_embeddings=False) == top | {"lm_head/kernel"} | {
+      f"h_{i}/{p}" for i in range(2) for p in gpt2_block}
+  assert param_paths(scan_layers=True) == top | {f"h/{p}" for p in gpt2_block}
+  llama_block = ["ln_1/scale", "attn/query/kernel", "attn/key_value/kernel", "attn/out/kernel",
+                 "ln_2/scale", "mlp/fc/kernel", "mlp/gate/kernel", "mlp/proj/kernel"]
+  assert param_paths(norm="rmsnorm", position="rope", mlp="swiglu", bias=False) == {
+      "wte/embedding", "ln_f/scale"} | {f"h_{i}/{p}" for i in range(2) for p in llama_block}
+
+
+def test_block_names_round_trip():
+  assert [model_lib.block_name(i) for i in (0, 11)] == ["h_0", "h_11"]
+  assert [model_lib.block_index(n) for n in ("h_0", "h_11")] == [0, 11]
+  for other in ("h", "h_", "h_x", "h_1a", "hh_1", "wte", "ln_f"):
+    assert model_lib.block_index(other) is None, other
+
+
+def test_path_name_is_the_same_for_boxed_and_plain_trees():
+  model = model_lib.make_model(model_lib.ModelConfig(**TINY))
+  boxed = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
+  flat = lambda tree, **kw: [model_lib.path_name(path) for path, _ in
+                             jax.tree_util.tree_flatten_with_path(tree, **kw)[0]]
+  names = flat(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert names == flat(nn.unbox(boxed)) == flat(boxed)  # The last one ends in `.value` keys.
+  assert set(names) == param_paths() and "h_1/attn/key_value/kernel" in names
+
+
 def test_causality_changing_token_t_leaves_earlier_logits_unchanged():
   model, params = make()
   rng = np.random.default_rng(0)
@@ -124,25 +164,6 @@ def test_dropout_is_active_only_in_training():
   assert not np.allclose(a, c)
 
 
-@pytest.mark.parametrize("x_shape, features, in_dims", [
-    ((4, 8, 12), (3, 5), 1),  # [B, L, D] -> [B, L, H, K]: the query projection.
-    ((4, 8, 3, 5), (12,), 2),  # [B, L, H, K] -> [B, L, D]: the output projection.
-    ((2, 4, 8, 12), (2, 3, 5), 1)])  # More leading dims; the key-value projection.
-def test_linear_matches_flax_dense_general(x_shape, features, in_dims):
-  """Linear: flax's parameters (same init), outputs and gradients to float32 rounding."""
-  init = dict(kernel_init=nn.initializers.normal(0.5), bias_init=nn.initializers.normal(0.5))
-  ours = model_lib.Linear(features, in_dims=in_dims, **init)
-  ref = nn.DenseGeneral(features, axis=tuple(range(-in_dims, 0)), **init)
-  x = jax.random.normal(jax.random.key(0), x_shape)
-  params = ours.init(jax.random.key(1), x)
-  jax.tree.map(np.testing.assert_array_equal, params, ref.init(jax.random.key(1), x))
-  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
-  g = jax.random.normal(jax.random.key(2), x_shape[:-in_dims] + features)
-  grads = [jax.grad(lambda p, x, m=m: jnp.sum(m.apply(p, x) * g), argnums=(0, 1))(params, x)
-           for m in (ours, ref)]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), *grads)
-
-
 @pytest.mark.parametrize("block, n_kv_head", [(4, 0), (5, 0), (4, 2)])
 def test_attention_in_query_blocks_matches_the_whole_sequence(block, n_kv_head):
   """attention_block only skips masked scores: logits and gradients as without it."""
@@ -158,48 +179,6 @@ def test_attention_in_query_blocks_matches_the_whole_sequence(block, n_kv_head):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                jax.grad(functools.partial(loss, blocked))(params),
                jax.grad(functools.partial(loss, whole))(params))
-
-
-def test_hash_dropout_masks_are_uniform_and_independent():
-  """hash_bits against what iid uniform bits would give, at 5 standard errors."""
-  shape = (8, 4, 128, 256)  # 1M elements: [B, H, L, S] like attention probabilities.
-  n = math.prod(shape)
-  bits = np.asarray(model_lib.hash_bits(jax.random.key(0), shape))
-  other = np.asarray(model_lib.hash_bits(jax.random.key(1), shape))
-  assert np.array_equal(bits, np.asarray(model_lib.hash_bits(jax.random.key(0), shape)))
-  # Every one of the 32 bits is set half the time.
-  ones = np.stack([(bits >> i) & 1 for i in range(32)]).reshape(32, -1).mean(axis=1)
-  np.testing.assert_allclose(ones, 0.5, atol=5 * 0.5 / math.sqrt(n))
-  # Keep masks at rate 0.2: the rate, and no correlation with the neighbour along any axis,
-  # with the same position under another key, or between two rows of one head.
-  threshold = np.uint32(round(0.2 * 2**32))
-  keep, keep2 = (bits >= threshold).astype(np.float64), (other >= threshold).astype(np.float64)
-  assert abs(keep.mean() - 0.8) < 5 * math.sqrt(0.16 / n)
-
-  def corr(a, b):
-    a, b = a.ravel() - a.mean(), b.ravel() - b.mean()
-    return float((a * b).mean() / math.sqrt((a * a).mean() * (b * b).mean()))
-
-  for axis in range(4):
-    lo = np.take(keep, range(shape[axis] - 1), axis=axis)
-    hi = np.take(keep, range(1, shape[axis]), axis=axis)
-    assert abs(corr(lo, hi)) < 5 / math.sqrt(lo.size), axis
-  assert abs(corr(keep, keep2)) < 5 / math.sqrt(n)
-  rows = keep.reshape(-1, shape[-1])
-  assert abs(corr(rows[:-7], rows[7:])) < 5 / math.sqrt(rows[7:].size)
-
-
-def test_hash_dropout_scales_kept_values_and_backprops_the_mask():
-  x = jnp.linspace(1.0, 2.0, 4096).reshape(4, 1024)
-  drop = model_lib.HashDropout(0.25)
-  y = drop.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
-  kept = np.asarray(y) != 0
-  np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
-  assert 0.70 < kept.mean() < 0.80
-  g = jax.grad(lambda x: drop.apply({}, x, deterministic=False,
-                                    rngs={"dropout": jax.random.key(3)}).sum())(x)
-  np.testing.assert_allclose(np.asarray(g), kept / 0.75, rtol=1e-6)
-  np.testing.assert_array_equal(drop.apply({}, x, deterministic=True), x)
 
 
 def test_tiny_model_overfits_one_batch():

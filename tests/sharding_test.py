@@ -109,6 +109,20 @@ def test_undivisible_dimension_is_replicated_not_an_error():
   assert wte.sharding.spec[0] is None and wte.sharding.spec[1] == "fsdp"
 
 
+def test_replicated_dimension_is_named_once_per_parameter(caplog):
+  """The warning names parameters by path (wte/embedding), not once more per Adam moment."""
+  model = model_lib.make_model(model_lib.ModelConfig(vocab_size=65, block_size=16, n_layer=1,
+                                                     n_head=4, d_model=32))
+  tx = optim.make_optimizer(load_config("smoke").optim, total_steps=10)
+  boxed = jax.eval_shape(lambda r: step_lib.init_boxed_state(r, model=model, tx=tx),
+                         jax.random.key(0))
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 2, "tensor": 4}, jax.devices()[:8])
+  with caplog.at_level("WARNING"):
+    sharding.logical_shardings(boxed, mesh, sharding.get_rules("fsdp_tp"))
+  assert "replicating 1 dimension(s)" in caplog.text, caplog.text
+  assert "e.g. wte/embedding[0]=65" in caplog.text, caplog.text
+
+
 def test_scan_over_layers_gives_the_same_loss_as_unrolled():
   cfg = model_lib.ModelConfig(vocab_size=64, block_size=16, n_layer=3, n_head=4, d_model=32)
   unrolled = model_lib.make_model(cfg)
@@ -225,6 +239,19 @@ def test_batch_sharding_and_divisor_follow_the_rules():
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   assert sharding.batch_divisor(mesh, sharding.get_rules("dp")) == 8
   assert sharding.batch_divisor(mesh, sharding.get_rules("fsdp_tp")) == 4
+
+
+def test_logical_ways_from_a_mesh_or_from_config_sizes():
+  sizes = {"data": 2, "fsdp": 3, "tensor": 4}
+  fsdp_tp = sharding.get_rules("fsdp_tp")
+  assert sharding.split_ways(None, sizes) == 1
+  assert sharding.split_ways("tensor", sizes) == 4
+  assert sharding.split_ways(("data", "fsdp"), sizes) == 6
+  assert [sharding.logical_ways(a, fsdp_tp, sizes)
+          for a in (axes.BATCH, axes.EMBED, axes.HEADS, axes.HEAD_DIM)] == [6, 3, 4, 1]
+  assert sharding.logical_ways(axes.HEADS, sharding.get_rules("dp"), sizes) == 1
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  assert sharding.logical_ways(axes.BATCH, fsdp_tp, mesh.shape) == 4
 
 
 @pytest.mark.slow
