@@ -15,6 +15,7 @@ import logging as py_logging
 import re
 import sys
 from types import ModuleType
+from typing import NoReturn
 
 from absl import app, flags, logging
 
@@ -63,7 +64,7 @@ def command_module(name: str) -> ModuleType:
   return importlib.import_module(f"jaxlm.cli.{name}")
 
 
-def _fail(message: str, usage: bool = False) -> None:
+def _fail(message: str, usage: bool = False) -> NoReturn:
   sys.stderr.write(f"jaxlm: error: {message}\n" + (USAGE if usage else ""))
   sys.exit(2)
 
