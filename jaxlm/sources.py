@@ -333,9 +333,45 @@ def _open(path: str) -> Iterator[IO[bytes]]:
       raw = stack.enter_context(lzma.LZMAFile(raw))
     elif compression == ".zst":
       zstandard = _require("zstandard", f"{path} is zstd-compressed")
-      reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-      raw = stack.enter_context(io.BufferedReader(reader))  # For readline().
+      raw = stack.enter_context(io.BufferedReader(_ZstdReader(raw, zstandard), 1 << 16))
     yield raw
+
+
+class _ZstdReader(io.RawIOBase):
+  """The frames of a zstd stream decompressed one after another; a cut-off frame raises.
+
+  Not zstandard's stream_reader: at a truncated end it returns what it has without a word,
+  and a truncated corpus file must not pass for a shorter one. Input is fed 64 KiB at a time,
+  so what is held is that chunk's output (a few MB for text; more for extreme ratios).
+  """
+
+  def __init__(self, raw: IO[bytes], zstandard: Any):
+    self._raw, self._zstd = raw, zstandard
+    self._frame = None  # The decompressor of the frame under way, if one is.
+    self._out, self._pos = b"", 0  # Decompressed bytes not yet read, and where reading is.
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, b) -> int:
+    while self._pos == len(self._out):
+      data = self._raw.read(1 << 16)
+      if not data:
+        if self._frame is not None:
+          raise self._zstd.ZstdError("the stream ends inside a frame")
+        return 0
+      self._out, self._pos = b"", 0
+      while data:
+        if self._frame is None:
+          self._frame = self._zstd.ZstdDecompressor().decompressobj()
+        self._out += self._frame.decompress(data)
+        data = b""
+        if self._frame.eof:  # What follows the frame is the next one.
+          data, self._frame = self._frame.unused_data, None
+    n = min(len(b), len(self._out) - self._pos)
+    b[:n] = self._out[self._pos:self._pos + n]
+    self._pos += n
+    return n
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
