@@ -150,10 +150,10 @@ def _glob_remote(pattern: str) -> list[tuple[str, bool]]:
   wild = next((i for i, part in enumerate(parts) if _GLOB_MAGIC.search(part)), None)
   if wild is None:
     return [(os.fspath(root), root.is_dir())] if root.exists() else []
-  base = workdir_lib.path(f"gs://{bucket}/" + "/".join(parts[:wild]))
   if "**" in rest:
     raise JaxlmError(f"{pattern!r}: ** is not supported on gs:// (it lists the whole bucket); "
                      "use * per directory level")
+  base = workdir_lib.path(f"gs://{bucket}/" + "/".join(parts[:wild]))
   return [(os.fspath(p), p.is_dir()) for p in base.glob("/".join(parts[wild:]))]
 
 
@@ -275,7 +275,9 @@ def iter_pieces(source: Source, *, piece_bytes: int = 8 << 20,
   it back exactly. A record (JSONL line, Parquet or dataset row) is one piece, however long.
 
   Raises a one-line JaxlmError for a file that cannot be read or is not UTF-8, for a bad
-  record unless on_bad_record="skip", and at the end if the source had no documents.
+  record unless on_bad_record="skip" (a text file is no record: invalid UTF-8 in one always
+  fails, as its earlier pieces are out already), and at the end if the source had no
+  documents. Empty documents are dropped and counted in `Stats.empty`.
   """
   if piece_bytes < 4:  # Room for the longest UTF-8 character.
     raise JaxlmError(f"piece_bytes must be at least 4, got {piece_bytes}")
@@ -510,7 +512,9 @@ def _parquet_records(source: Source, path: str) -> Iterator[tuple[str, str | Non
       raise JaxlmError(f"{path} has no column {field!r} (columns: {', '.join(schema.names)}); "
                        "set the source's text_field")
     column_type = schema.field(field).type
-    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+    string_types = (pa.types.is_string, pa.types.is_large_string,
+                    getattr(pa.types, "is_string_view", lambda _: False))  # pyarrow >= 16
+    if not any(is_type(column_type) for is_type in string_types):
       raise JaxlmError(f"{path}: column {field!r} is {column_type}, not a string column")
     row = 0
     batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=[field])

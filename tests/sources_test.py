@@ -4,6 +4,7 @@ Every file is written by the test into tmp_path (or, for gs://, into a local GCS
 this process, as in workdir_test.py); nothing needs the network.
 """
 
+import contextlib
 import gzip
 import json
 import logging
@@ -147,7 +148,7 @@ def test_text_files_round_trip_exactly(tmp_path, suffix):
       os.path.getsize(f) for f in source.files)
 
 
-@pytest.mark.parametrize("suffix", ["", ".gz"])
+@pytest.mark.parametrize("suffix", ["", ".gz", ".zst"])
 def test_a_large_text_file_comes_in_pieces_split_after_newlines(tmp_path, suffix):
   rng = random.Random(0)
   words = ["a", "bb", "é", "€€", "😀", "東京", " "]
@@ -167,6 +168,37 @@ def test_a_large_text_file_comes_in_pieces_split_after_newlines(tmp_path, suffix
   for piece, _ in big[:-1]:
     assert piece.endswith("\n")
     assert piece_bytes - 2000 < len(piece.encode()) <= piece_bytes  # Lines are at most 1201 bytes.
+
+
+def test_reading_streams(tmp_path, monkeypatch):
+  """The first document comes after reading a piece or a line, not the whole file."""
+  piece_bytes = 64 << 10
+  write(tmp_path / "big.txt.gz", "line\n" * (1 << 20))
+  write(tmp_path / "big.jsonl.gz", jsonl(*({"text": "x" * 100} for _ in range(50_000))))
+  opened = []
+  real_open = sources._open
+
+  @contextlib.contextmanager
+  def watched_open(path):
+    with real_open(path) as f:
+      opened.append(f)
+      yield f
+
+  monkeypatch.setattr(sources, "_open", watched_open)
+  for name in ("big.txt.gz", "big.jsonl.gz"):
+    pieces = sources.iter_pieces(sources.resolve("s", str(tmp_path / name)),
+                                 piece_bytes=piece_bytes)
+    next(pieces)
+    assert opened[-1].tell() <= 2 * piece_bytes  # Decompressed bytes read so far.
+    pieces.close()
+
+
+def test_zstd_frames_are_read_one_after_another(tmp_path):
+  path = str(tmp_path / "a.txt.zst")
+  with open(path, "wb") as f:
+    for part in ("first frame\n", "", "second 😀\n"):
+      f.write(zstandard.ZstdCompressor().compress(part.encode()))
+  assert docs(path) == ["first frame\nsecond 😀\n"]
 
 
 @pytest.mark.parametrize("piece_bytes", range(4, 12))
@@ -342,6 +374,11 @@ def test_hf_disk_round_trip(tmp_path):
     sources.resolve("hf", str(tmp_path / "dd"))
   one_line_error(e, "holds a DatasetDict (splits: train)", str(tmp_path / "dd" / "train"))
   assert docs(tmp_path / "dd" / "train") == ["a"]
+  datasets.Dataset.from_dict({"text": ["a", None, "b"]}).save_to_disk(str(tmp_path / "nulls"))
+  with pytest.raises(JaxlmError) as e:
+    docs(tmp_path / "nulls")
+  one_line_error(e, f"{tmp_path / 'nulls'}: row 2: 'text' is null")
+  assert docs(tmp_path / "nulls", on_bad_record="skip") == ["a", "b"]
 
 
 # ---------------------------------------------------------------------------------------------
