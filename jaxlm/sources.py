@@ -1,23 +1,21 @@
 """Where training documents come from: files and datasets, streamed in a fixed order.
 
-A `Source` names a set of files (a glob, local or gs://) and how to read them: plain text (one
-file is one document), JSONL (one JSON object per line, its `text_field` string is the
-document), Parquet (a string column) or a Hugging Face dataset saved with `save_to_disk`. Text
-and JSONL files may be compressed (.gz, .xz, .zst). Reading is streamed: memory is bounded by a
-piece of text (`iter_pieces`), a record, or a small batch of records, never a whole file.
+A `Source` is a set of files (a glob, local or gs://) and how to read them: text (a file is a
+document), JSONL (a JSON object per line; its `text_field` is the document), Parquet (a string
+column) or a Hugging Face dataset saved with `save_to_disk`; text and JSONL may be .gz, .xz or
+.zst. Memory is bounded by a piece of text (`iter_pieces`) or a record, never a whole file.
 
-This module only reads. It does not tokenize, cache or shuffle; the order it yields documents
-in (files sorted by path, records in file order) is deterministic, so what a later step builds
-from a source is reproducible, and `fingerprint` tells that step when the files changed.
+It only reads: no tokenizing, caching or shuffling. Documents come in a fixed order (files
+sorted by path, records in file order), so what a later step builds from a source is
+reproducible, and `fingerprint` tells that step when the files changed. Input errors are
+one-line `JaxlmError`s naming the file (and line, row or byte offset) and what is wrong; a
+bad record of a record kind (JSONL, Parquet, hf_disk) fails the read, or with
+on_bad_record="skip" is skipped and counted in `Stats`.
 
     source = sources.resolve("web", "gs://bucket/web/*.jsonl.zst")
     stats = sources.Stats()
     for text, last in sources.iter_pieces(source, stats=stats):
       ...  # `last` closes the document: a tokenizer appends EOS there.
-
-Errors in the input are one-line `JaxlmError`s that name the file (and the line, row or byte
-offset) and what is wrong. A bad record in a record kind (JSONL, Parquet, hf_disk) fails the
-read, or with on_bad_record="skip" is skipped and counted in `Stats`.
 """
 
 from __future__ import annotations
@@ -77,11 +75,6 @@ class Stats:
   first_skipped: str = ""  # The error the first skipped record would have raised.
 
 
-# ---------------------------------------------------------------------------------------------
-# Resolving a pattern into files.
-# ---------------------------------------------------------------------------------------------
-
-
 def resolve(name: str, path: str, *, kind: str = "auto", text_field: str = "text",
             on_bad_record: str = "fail") -> Source:
   """Expands `path` (a file, directory or glob; local with ~, or gs://) into a `Source`.
@@ -91,42 +84,36 @@ def resolve(name: str, path: str, *, kind: str = "auto", text_field: str = "text
   holding dataset_info.json or state.json -> hf_disk; other directories are ignored. All
   matches must be of one kind. An explicit kind applies to every matched file.
   """
-  if kind != "auto" and kind not in KINDS:
-    raise JaxlmError(f"source {name!r}: unknown kind {kind!r}: expected auto or one of "
-                     f"{', '.join(KINDS)}")
-  if on_bad_record not in BAD_RECORD_POLICIES:
-    raise JaxlmError(f"source {name!r}: on_bad_record={on_bad_record!r}: expected fail or skip")
+  if kind not in ("auto", *KINDS) or on_bad_record not in BAD_RECORD_POLICIES:
+    raise JaxlmError(f"source {name!r}: kind={kind!r}, on_bad_record={on_bad_record!r}: "
+                     f"expected a kind in auto, {', '.join(KINDS)} and fail or skip")
   remote = workdir_lib.is_remote(path)
   matches = _glob_remote(path) if remote else _glob_local(path)
   if not matches:
     raise JaxlmError(f"source {name!r}: no file matches {path!r}")
   by_kind: dict[str, list[str]] = collections.defaultdict(list)
   for match, is_dir in matches:
-    if is_dir:
-      if kind not in ("auto", "hf_disk") or _directory_kind(name, match, remote) is None:
-        continue  # A plain directory: globs such as data/* match them too.
-      by_kind["hf_disk"].append(match)
+    if is_dir:  # Plain directories are left out: globs such as data/* match them too.
+      found = _directory_kind(name, match, remote) if kind in ("auto", "hf_disk") else None
     else:
-      by_kind[kind if kind not in ("auto", "hf_disk") else _file_kind(match)].append(match)
-  if kind == "hf_disk":
-    by_kind = {"hf_disk": by_kind.get("hf_disk", [])}
-    if not by_kind["hf_disk"]:
-      raise JaxlmError(f"source {name!r}: {path!r} matches no dataset saved with save_to_disk "
-                       f"(a directory holding {' or '.join(_HF_MARKERS)})")
+      found = _file_kind(match) if kind == "auto" else None if kind == "hf_disk" else kind
+    if found:
+      by_kind[found].append(match)
   if not by_kind:
-    raise JaxlmError(f"source {name!r}: {path!r} matches only directories, none of them a "
-                     "dataset saved with save_to_disk")
+    found = "no" if kind == "hf_disk" else "only directories, none of them a"
+    raise JaxlmError(f"source {name!r}: {path!r} matches {found} dataset saved with "
+                     f"save_to_disk (a directory holding {' or '.join(_HF_MARKERS)})")
   if len(by_kind) > 1:
     mixed = "; ".join(f"{len(v)} {k} ({_first(v)})" for k, v in sorted(by_kind.items()))
     raise JaxlmError(f"source {name!r}: {path!r} mixes kinds: {mixed}; make one source per "
                      "kind or pass kind=")
   (found_kind, files), = by_kind.items()
-  for f in files:
-    if found_kind in ("parquet", "hf_disk") and _compression(f):
-      raise JaxlmError(f"source {name!r}: {f} is a compressed {found_kind} file, which cannot "
-                       "be streamed; Parquet compresses internally, leave it uncompressed")
-    if _compression(f) == ".zst":
-      _require("zstandard", f"source {name!r} has zstd-compressed files")
+  compressions = {_compression(f) for f in files} - {""}
+  if compressions and found_kind in ("parquet", "hf_disk"):
+    raise JaxlmError(f"source {name!r}: {_first(files)}: a compressed {found_kind} file cannot "
+                     "be streamed; Parquet compresses internally, leave it uncompressed")
+  if ".zst" in compressions:
+    _require("zstandard", f"source {name!r} has zstd-compressed files")
   if found_kind == "parquet":
     _require("pyarrow.parquet", f"source {name!r} has Parquet files")
   if found_kind == "hf_disk":
@@ -144,8 +131,8 @@ def _glob_local(pattern: str) -> list[tuple[str, bool]]:
 
 def _glob_remote(pattern: str) -> list[tuple[str, bool]]:
   """The same through the workdir path layer: the part before the first wildcard is listed."""
-  bucket, _, rest = pattern[pattern.index("://") + 3:].partition("/")
   root = workdir_lib.path(pattern)  # Checks the scheme and that gcsfs is installed.
+  bucket, _, rest = pattern[len("gs://"):].partition("/")
   parts = rest.split("/")
   wild = next((i for i, part in enumerate(parts) if _GLOB_MAGIC.search(part)), None)
   if wild is None:
@@ -159,32 +146,25 @@ def _glob_remote(pattern: str) -> list[tuple[str, bool]]:
 
 def _directory_kind(name: str, directory: str, remote: bool) -> str | None:
   """hf_disk for a directory Dataset.save_to_disk wrote, None for any other directory."""
-  if remote:
-    d = workdir_lib.path(directory)
-    if any((d / marker).exists() for marker in _HF_MARKERS):
-      # load_from_disk copies a remote dataset whole to a local temporary directory.
-      raise JaxlmError(f"source {name!r}: {directory} is a saved dataset on gs://; hf_disk "
-                       "sources must be local: copy it first (gcloud storage cp -r)")
-    return None
-  if os.path.exists(os.path.join(directory, "dataset_dict.json")):
-    splits = sorted(e for e in os.listdir(directory)
-                    if os.path.isdir(os.path.join(directory, e)))
+  d = workdir_lib.path(directory)
+  if (d / "dataset_dict.json").exists():
+    splits = sorted(p.name for p in d.iterdir() if p.is_dir()) or ["train"]
     raise JaxlmError(f"source {name!r}: {directory} holds a DatasetDict (splits: "
-                     f"{', '.join(splits)}): point the source at one split, e.g. "
-                     f"{os.path.join(directory, splits[0] if splits else 'train')}")
-  if any(os.path.exists(os.path.join(directory, m)) for m in _HF_MARKERS):
-    return "hf_disk"
-  return None
+                     f"{', '.join(splits)}): point the source at one, e.g. {d / splits[0]}")
+  if not any((d / marker).exists() for marker in _HF_MARKERS):
+    return None
+  if remote:  # load_from_disk would copy the whole dataset to a local temporary directory.
+    raise JaxlmError(f"source {name!r}: {directory} is a saved dataset on gs://; hf_disk "
+                     "sources must be local: copy it first (gcloud storage cp -r)")
+  return "hf_disk"
 
 
 def _compression(path: str) -> str:
-  """The compression suffix of `path` ('' for none)."""
-  return next((c for c in COMPRESSIONS if path.endswith(c)), "")
+  return next((c for c in COMPRESSIONS if path.endswith(c)), "")  # '' for none
 
 
 def _file_kind(path: str) -> str:
-  stem = path[:len(path) - len(_compression(path))]
-  ext = os.path.splitext(stem)[1].lower()
+  ext = os.path.splitext(path.removesuffix(_compression(path)))[1].lower()
   return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(ext, "text")
 
 
@@ -200,20 +180,14 @@ def _require(module: str, why: str, hint: str = DATA_EXTRA) -> Any:
     raise JaxlmError(f"{why}; install {module.split('.')[0]}: {hint}") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# What changed, and how much there is.
-# ---------------------------------------------------------------------------------------------
-
-
 def fingerprint(source: Source) -> str:
   """A hex digest that changes when the source's documents may have changed.
 
-  It covers the kind, text_field and the reading rules, and (path, size, mtime in ns) of
-  every file: of each file under an hf_disk directory. Nothing is read, so it is cheap (one
-  stat per file; on gs:// an object listing, whose mtimes have 1 s resolution). A file
-  rewritten with the same size within the same mtime tick goes unnoticed: that is the price
-  of not hashing the bytes. The name and on_bad_record are left out: they do not change
-  which documents come out of a read that succeeds.
+  It covers the kind, text_field, the reading rules and (path, size, mtime in ns) of every
+  file (of each file under an hf_disk directory). Nothing is read, so it is cheap: one stat
+  per file (on gs://, whose mtimes have 1 s resolution, one metadata request). A rewrite with
+  the same size in the same mtime tick goes unnoticed: the price of not hashing the bytes.
+  The name and on_bad_record are left out: they change no document of a read that succeeds.
   """
   h = hashlib.sha256()
   h.update(json.dumps([_READ_RULES, source.kind, source.text_field]).encode("utf-8"))
@@ -233,29 +207,16 @@ def _stat_entries(path: str, kind: str) -> list[tuple[str, int, int]]:
   if workdir_lib.is_remote(path):
     st = workdir_lib.path(path).stat()
     return [(path, int(st.length), int(st.mtime) * 10**9)]
-  if kind != "hf_disk":
-    st = os.stat(path)
-    return [(path, st.st_size, st.st_mtime_ns)]
-  entries = []
-  for root, dirs, names in os.walk(path):
-    dirs.sort()
-    for n in sorted(names):
-      st = os.stat(os.path.join(root, n))
-      entries.append((os.path.join(root, n), st.st_size, st.st_mtime_ns))
-  return entries
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading.
-# ---------------------------------------------------------------------------------------------
+  files = [path] if kind != "hf_disk" else sorted(
+      os.path.join(root, n) for root, _, names in os.walk(path) for n in names)
+  return [(f, (st := os.stat(f)).st_size, st.st_mtime_ns) for f in files]
 
 
 def iter_documents(source: Source, *, stats: Stats | None = None) -> Iterator[str]:
   """Every non-empty document of `source`, whole, in order (files sorted, records in order).
 
-  Built on `iter_pieces`: a record is one piece, a text file's pieces are joined, so memory
-  is bounded by the largest document, which for text is a whole file. A tokenizer that must
-  stay small on large text files reads `iter_pieces` instead.
+  Built on `iter_pieces`, joining a text file's pieces: memory is bounded by the largest
+  document, for text a whole file. A reader of large text files uses `iter_pieces`.
   """
   parts: list[str] = []
   for piece, last in iter_pieces(source, stats=stats):
@@ -274,46 +235,41 @@ def iter_pieces(source: Source, *, piece_bytes: int = 8 << 20,
   longer than that, at the last character boundary. Concatenating a document's pieces gives
   it back exactly. A record (JSONL line, Parquet or dataset row) is one piece, however long.
 
-  Raises a one-line JaxlmError for a file that cannot be read or is not UTF-8, for a bad
-  record unless on_bad_record="skip" (a text file is no record: invalid UTF-8 in one always
-  fails, as its earlier pieces are out already), and at the end if the source had no
-  documents. Empty documents are dropped and counted in `Stats.empty`.
+  Empty documents are dropped (counted in `Stats.empty`). Raises a one-line JaxlmError for a
+  file that cannot be read or is not UTF-8 (always: a text file is no record), for a bad
+  record unless on_bad_record="skip", and at the end if the source had no documents.
   """
   if piece_bytes < 4:  # Room for the longest UTF-8 character.
     raise JaxlmError(f"piece_bytes must be at least 4, got {piece_bytes}")
   stats = stats if stats is not None else Stats()
-  counts = Stats()  # This iteration's own counts, for the no-documents message.
+  before = dataclasses.replace(stats)  # For this iteration's own counts at the end.
   for f in source.files:
     stats.file = f
-    if source.kind == "text":
-      pieces = _text_pieces(f, piece_bytes)
-      started = False
-      for text, last, nbytes in pieces:
-        started = True
-        stats.bytes += nbytes
-        counts.documents += last
-        stats.documents += last
-        yield text, last
-      if not started:
-        stats.empty += 1
-        counts.empty += 1
+    if source.kind == "text":  # An empty piece is an empty file: other pieces never are.
+      items = ((text, last, None) for text, last in _text_pieces(f, piece_bytes))
     else:
-      for text in _records(source, f, stats, counts):
-        if not text:
-          stats.empty += 1
-          counts.empty += 1
-          continue
+      reader = {"jsonl": _jsonl_records, "parquet": _parquet_records, "hf_disk": _hf_records}
+      items = ((text, True, problem) for text, problem in reader[source.kind](source, f))
+    for text, last, problem in items:
+      if problem is not None:
+        message = f"{problem} (source {source.name!r}; on_bad_record='skip' skips such records)"
+        if source.on_bad_record == "fail":
+          raise JaxlmError(message)
+        stats.first_skipped = stats.first_skipped or message
+        stats.skipped += 1
+      elif not text:
+        stats.empty += 1
+      else:
+        stats.documents += last
         stats.bytes += len(text.encode("utf-8"))
-        stats.documents += 1
-        counts.documents += 1
-        yield text, True
+        yield text, last
     stats.files_done += 1
     stats.disk_bytes_done += sum(size for _, size, _ in _stat_entries(f, source.kind))
   stats.file = ""
-  if not counts.documents:
+  if stats.documents == before.documents:
     raise JaxlmError(f"source {source.name!r} ({source.pattern}) has no documents: "
-                     f"{len(source.files)} {source.kind} file(s), {counts.skipped} bad "
-                     f"record(s) skipped, {counts.empty} empty document(s)")
+                     f"{len(source.files)} {source.kind} file(s), {stats.skipped - before.skipped}"
+                     f" bad record(s) skipped, {stats.empty - before.empty} empty document(s)")
 
 
 @contextlib.contextmanager
@@ -321,98 +277,78 @@ def _open(path: str) -> Iterator[IO[bytes]]:
   """A binary stream of the file's decompressed bytes (gzip, xz and zstd by suffix).
 
   Bytes, not text mode: pieces are cut by byte count and errors report byte offsets; the text
-  is decoded here, strictly, as UTF-8.
+  is decoded by the readers, strictly, as UTF-8. What opening or reading raises (a missing
+  file, a corrupt or truncated stream) becomes a one-line error naming the file.
   """
-  with contextlib.ExitStack() as stack:
-    if workdir_lib.is_remote(path):
-      raw = stack.enter_context(workdir_lib.path(path).open("rb"))
-    else:
-      raw = stack.enter_context(open(path, "rb"))
-    compression = _compression(path)
-    if compression == ".gz":
-      raw = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
-    elif compression == ".xz":
-      raw = stack.enter_context(lzma.LZMAFile(raw))
-    elif compression == ".zst":
-      zstandard = _require("zstandard", f"{path} is zstd-compressed")
-      raw = stack.enter_context(io.BufferedReader(_ZstdReader(raw, zstandard), 1 << 16))
-    yield raw
+  compression = _compression(path)
+  try:
+    with contextlib.ExitStack() as stack:
+      remote = workdir_lib.is_remote(path)
+      raw = stack.enter_context(workdir_lib.path(path).open("rb") if remote else open(path, "rb"))
+      if compression == ".gz":
+        raw = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
+      elif compression == ".xz":
+        raw = stack.enter_context(lzma.LZMAFile(raw))
+      elif compression == ".zst":
+        zstandard = _require("zstandard", f"{path} is zstd-compressed")
+        raw = stack.enter_context(io.BufferedReader(_ZstdReader(raw, zstandard), 1 << 16))
+      yield raw
+  except (OSError, EOFError, lzma.LZMAError) as e:  # gzip raises OSError, zstd is made one.
+    if isinstance(e, OSError) and e.errno is not None:
+      raise JaxlmError(f"cannot read {path}: {e.strerror}") from None
+    what = f"{compression[1:]} stream" if compression else "file"
+    raise JaxlmError(f"cannot read {path}: corrupt or truncated {what} "
+                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
 class _ZstdReader(io.RawIOBase):
-  """The frames of a zstd stream decompressed one after another; a cut-off frame raises.
+  """The frames of a zstd stream one after another, decompressed from 64 KiB of input at a time.
 
-  Not zstandard's stream_reader: at a truncated end it returns what it has without a word,
-  and a truncated corpus file must not pass for a shorter one. Input is fed 64 KiB at a time,
-  so what is held is that chunk's output (a few MB for text; more for extreme ratios).
+  Not zstandard's stream_reader, which ends a truncated stream without a word.
   """
 
   def __init__(self, raw: IO[bytes], zstandard: Any):
-    self._raw, self._zstd = raw, zstandard
-    self._frame = None  # The decompressor of the frame under way, if one is.
-    self._out, self._pos = b"", 0  # Decompressed bytes not yet read, and where reading is.
+    self._raw, self._zstd, self._frame, self._out = raw, zstandard, None, memoryview(b"")
 
   def readable(self) -> bool:
     return True
 
   def readinto(self, b) -> int:
-    while self._pos == len(self._out):
-      data = self._raw.read(1 << 16)
+    while not self._out:
+      data, out = self._raw.read(1 << 16), []
+      if not data and self._frame is not None:
+        raise OSError("the stream ends inside a frame")
       if not data:
-        if self._frame is not None:
-          raise self._zstd.ZstdError("the stream ends inside a frame")
         return 0
-      self._out, self._pos = b"", 0
-      while data:
+      while data:  # What follows the end of a frame is the next frame.
         if self._frame is None:
           self._frame = self._zstd.ZstdDecompressor().decompressobj()
-        self._out += self._frame.decompress(data)
-        data = b""
-        if self._frame.eof:  # What follows the frame is the next one.
-          data, self._frame = self._frame.unused_data, None
-    n = min(len(b), len(self._out) - self._pos)
-    b[:n] = self._out[self._pos:self._pos + n]
-    self._pos += n
+        try:
+          out.append(self._frame.decompress(data))
+        except self._zstd.ZstdError as e:
+          raise OSError(str(e)) from None
+        data = self._frame.unused_data if self._frame.eof else b""
+        self._frame = None if self._frame.eof else self._frame
+      self._out = memoryview(b"".join(out))
+    n = min(len(b), len(self._out))
+    b[:n], self._out = self._out[:n], self._out[n:]
     return n
 
 
-def _read_errors() -> tuple[type[BaseException], ...]:
-  """What a corrupt or truncated compressed stream raises (gzip raises an OSError)."""
-  errors: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError)
-  try:
-    import zstandard
-    errors += (zstandard.ZstdError,)
-  except ImportError:
-    pass
-  return errors
-
-
-def _unreadable(path: str, e: BaseException) -> JaxlmError:
-  what = f"{_compression(path)[1:]} stream" if _compression(path) else "file"
-  return JaxlmError(f"cannot read {path}: corrupt or truncated {what} "
-                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__})")
-
-
-def _text_pieces(path: str, piece_bytes: int) -> Iterator[tuple[str, bool, int]]:
-  """(text, last, its UTF-8 bytes) pieces of one text file; nothing for an empty file."""
-  errors = _read_errors()
+def _text_pieces(path: str, piece_bytes: int) -> Iterator[tuple[str, bool]]:
+  """(text, last) pieces of one text file; one empty piece for an empty file."""
   offset = 0  # Decompressed bytes of the file before `buf`.
   buf = bytearray()
   with _open(path) as f:
-    while True:
-      try:
-        chunk = f.read(piece_bytes)
-      except errors as e:
-        raise _unreadable(path, e) from None
+    while chunk := f.read(piece_bytes):
       buf += chunk
-      # Emit only pieces known not to be the last (bytes follow them), then the rest at EOF.
-      while len(buf) > piece_bytes or (not chunk and buf):
-        cut = _cut(buf, piece_bytes) if len(buf) > piece_bytes else len(buf)
-        yield _decode(bytes(buf[:cut]), path, offset), cut == len(buf), cut
+      # Emit only pieces known not to be the last (bytes follow them); the rest at EOF.
+      while len(buf) > piece_bytes:
+        cut = _cut(buf, piece_bytes)
+        yield _decode(bytes(buf[:cut]), path, offset), False
         offset += cut
         del buf[:cut]
-      if not chunk:
-        return
+  yield _decode(bytes(buf), path, offset), True
 
 
 def _cut(buf: bytearray, piece_bytes: int) -> int:
@@ -436,99 +372,64 @@ def _decode(data: bytes, path: str, offset: int) -> str:
                      f"{offset + e.start}{where}") from None
 
 
-def _records(source: Source, path: str, stats: Stats, counts: Stats) -> Iterator[str]:
-  """The text of each good record of one file; bad ones raise or are counted as skipped."""
-  reader = {"jsonl": _jsonl_records, "parquet": _parquet_records, "hf_disk": _hf_records}
-  for text, problem in reader[source.kind](source, path):
-    if problem is None:
-      yield text
-      continue
-    message = f"{problem} (source {source.name!r}; on_bad_record='skip' skips such records)"
-    if source.on_bad_record == "fail":
-      raise JaxlmError(message)
-    stats.skipped += 1
-    counts.skipped += 1
-    stats.first_skipped = stats.first_skipped or message
-
-
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number",
                float: "a number", bool: "a boolean", type(None): "null"}
 
 
 def _jsonl_records(source: Source, path: str) -> Iterator[tuple[str, str | None]]:
   """(text, None) per good line, ("", what is wrong) per bad one; blank lines are skipped."""
-  field = source.text_field
-  errors = _read_errors()
   with _open(path) as f:
-    lineno = 0
-    while True:
-      try:
-        line = f.readline()
-      except errors as e:
-        raise _unreadable(path, e) from None
-      if not line:
-        return
-      lineno += 1
-      where = f"{path}:{lineno}"
-      try:
-        text = line.decode("utf-8")
-      except UnicodeDecodeError as e:
-        yield "", f"{where}: not UTF-8 (invalid byte at column {e.start + 1})"
-        continue
-      if not text.strip():
-        continue
-      try:
-        record = json.loads(text)
-      except json.JSONDecodeError as e:
-        yield "", f"{where}: not JSON ({e.msg} at column {e.colno})"
-        continue
-      if not isinstance(record, dict):
-        yield "", f"{where}: {_JSON_TYPES.get(type(record), 'a value')}, not a JSON object"
-      elif field not in record:
-        fields = ", ".join(list(record)[:10]) + (", ..." if len(record) > 10 else "")
-        yield "", f"{where}: no field {field!r} (fields: {fields or 'none'})"
-      elif not isinstance(record[field], str):
-        yield "", f"{where}: field {field!r} is {_JSON_TYPES.get(type(record[field]))}, " \
-                  "not a string"
-      else:
-        yield record[field], None
+    for lineno, line in enumerate(f, 1):
+      if line.strip():
+        text, problem = _json_record(line, source.text_field)
+        yield text, problem and f"{path}:{lineno}: {problem}"
+
+
+def _json_record(line: bytes, field: str) -> tuple[str, str | None]:
+  try:
+    record = json.loads(line.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    return "", f"not UTF-8 (invalid byte at column {e.start + 1})"
+  except json.JSONDecodeError as e:
+    return "", f"not JSON ({e.msg} at column {e.colno})"
+  if not isinstance(record, dict):
+    return "", f"{_JSON_TYPES.get(type(record), 'a value')}, not a JSON object"
+  if field not in record:
+    fields = ", ".join(list(record)[:10]) + (", ..." if len(record) > 10 else "")
+    return "", f"no field {field!r} (fields: {fields or 'none'})"
+  if not isinstance(record[field], str):
+    return "", f"field {field!r} is {_JSON_TYPES.get(type(record[field]))}, not a string"
+  return record[field], None
 
 
 def _parquet_records(source: Source, path: str) -> Iterator[tuple[str, str | None]]:
   """The text column of a Parquet file, read in record batches of that column only."""
   pq = _require("pyarrow.parquet", f"source {source.name!r} has Parquet files")
   import pyarrow as pa
+  string = (pa.string(), pa.large_string(), getattr(pa, "string_view", pa.string)())
   field = source.text_field
-  with contextlib.ExitStack() as stack:
-    # A local path lets pyarrow read it natively; gs:// goes through a seekable gcsfs file.
-    handle = (stack.enter_context(workdir_lib.path(path).open("rb"))
-              if workdir_lib.is_remote(path) else path)
-    try:
+  try:
+    with contextlib.ExitStack() as stack:
+      # A local path lets pyarrow read it natively; gs:// goes through a seekable gcsfs file.
+      handle = (stack.enter_context(workdir_lib.path(path).open("rb"))
+                if workdir_lib.is_remote(path) else path)
       pf = stack.enter_context(pq.ParquetFile(handle))
-    except (pa.ArrowException, OSError) as e:
-      raise JaxlmError(f"cannot read {path} as Parquet: {str(e).splitlines()[0]}") from None
-    schema = pf.schema_arrow
-    if field not in schema.names:
-      raise JaxlmError(f"{path} has no column {field!r} (columns: {', '.join(schema.names)}); "
-                       "set the source's text_field")
-    column_type = schema.field(field).type
-    string_types = (pa.types.is_string, pa.types.is_large_string,
-                    getattr(pa.types, "is_string_view", lambda _: False))  # pyarrow >= 16
-    if not any(is_type(column_type) for is_type in string_types):
-      raise JaxlmError(f"{path}: column {field!r} is {column_type}, not a string column")
-    row = 0
-    batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=[field])
-    while True:
-      try:
-        batch = next(batches, None)
-      except pa.ArrowException as e:
-        raise JaxlmError(f"cannot read {path} (after row {row}): "
-                         f"{str(e).splitlines()[0]}") from None
-      if batch is None:
-        return
-      for value in batch.column(0).to_pylist():
-        row += 1
-        yield ("", f"{path}: row {row}: {field!r} is null") if value is None else (value, None)
+      schema = pf.schema_arrow
+      _check_column(path, field, schema.names,
+                    field in schema.names and schema.field(field).type, string)
+      batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=[field])
+      yield from _rows((b.column(0).to_pylist() for b in batches), path, field)
+  except (pa.ArrowException, OSError) as e:  # JaxlmError is neither.
+    raise JaxlmError(f"cannot read {path} as Parquet: {str(e).splitlines()[0]}") from None
+
+
+def _check_column(path: str, field: str, names: list[str], column_type: Any,
+                  string_types: tuple) -> None:
+  if field not in names:
+    raise JaxlmError(f"{path} has no column {field!r} (columns: {', '.join(names)}); "
+                     "set the source's text_field")
+  if column_type not in string_types:
+    raise JaxlmError(f"{path}: column {field!r} is {column_type}, not a string column")
 
 
 def _hf_records(source: Source, path: str) -> Iterator[tuple[str, str | None]]:
@@ -541,14 +442,17 @@ def _hf_records(source: Source, path: str) -> Iterator[tuple[str, str | None]]:
   except (OSError, ValueError) as e:
     raise JaxlmError(f"cannot load {path} with datasets.load_from_disk: "
                      f"{str(e).splitlines()[0]}") from None
-  if field not in ds.column_names:
-    raise JaxlmError(f"{path} has no column {field!r} (columns: {', '.join(ds.column_names)}); "
-                     "set the source's text_field")
-  feature = ds.features[field]
-  if getattr(feature, "dtype", None) not in ("string", "large_string"):
-    raise JaxlmError(f"{path}: column {field!r} is {feature}, not a string column")
+  feature = ds.features.get(field)
+  _check_column(path, field, ds.column_names, getattr(feature, "dtype", feature),
+                ("string", "large_string"))
+  batches = ds.select_columns([field]).iter(batch_size=_BATCH_ROWS)
+  yield from _rows((batch[field] for batch in batches), path, field)
+
+
+def _rows(batches: Iterator[list], path: str, field: str) -> Iterator[tuple[str, str | None]]:
+  """(text, None) per row of a column, ("", what is wrong) per null."""
   row = 0
-  for batch in ds.select_columns([field]).iter(batch_size=_BATCH_ROWS):
-    for value in batch[field]:
+  for values in batches:
+    for value in values:
       row += 1
       yield ("", f"{path}: row {row}: {field!r} is null") if value is None else (value, None)

@@ -100,14 +100,14 @@ def test_unresolvable_patterns_are_one_line_errors(tmp_path):
   one_line_error(e, "mixes kinds", "1 jsonl (b.jsonl)", "1 text (a.txt)")
   with pytest.raises(JaxlmError) as e:
     sources.resolve("web", str(tmp_path / "a.txt"), kind="csv")
-  one_line_error(e, "unknown kind 'csv'")
+  one_line_error(e, "kind='csv'", "expected a kind in auto, text, jsonl")
   with pytest.raises(JaxlmError) as e:
     sources.resolve("web", str(tmp_path / "a.txt"), on_bad_record="ignore")
   one_line_error(e, "on_bad_record='ignore'")
   write(tmp_path / "c.parquet.gz", b"")
   with pytest.raises(JaxlmError) as e:
     sources.resolve("web", str(tmp_path / "c.parquet.gz"))
-  one_line_error(e, "compressed parquet file")
+  one_line_error(e, "c.parquet.gz: a compressed parquet file cannot be streamed")
 
 
 def test_an_explicit_kind_overrides_the_extension(tmp_path):
