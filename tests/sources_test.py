@@ -363,6 +363,8 @@ def test_hf_disk_round_trip(tmp_path):
   source = sources.resolve("hf", str(tmp_path / "ds"))
   assert (source.kind, source.files) == ("hf_disk", (str(tmp_path / "ds"),))
   assert list(sources.iter_documents(source)) == texts
+  fp = sources.fingerprint(source)
+  assert sources.fingerprint(sources.resolve("hf", str(tmp_path / "ds"))) == fp
   assert sources.total_bytes(source) == sum(
       os.path.getsize(os.path.join(r, n)) for r, _, ns in os.walk(tmp_path / "ds") for n in ns)
   with pytest.raises(JaxlmError) as e:
@@ -374,6 +376,8 @@ def test_hf_disk_round_trip(tmp_path):
     sources.resolve("hf", str(tmp_path / "dd"))
   one_line_error(e, "holds a DatasetDict (splits: train)", str(tmp_path / "dd" / "train"))
   assert docs(tmp_path / "dd" / "train") == ["a"]
+  datasets.Dataset.from_dict({"text": texts[:5]}).save_to_disk(str(tmp_path / "ds"))
+  assert sources.fingerprint(sources.resolve("hf", str(tmp_path / "ds"))) != fp
   datasets.Dataset.from_dict({"text": ["a", None, "b"]}).save_to_disk(str(tmp_path / "nulls"))
   with pytest.raises(JaxlmError) as e:
     docs(tmp_path / "nulls")
@@ -454,3 +458,10 @@ def test_gs_sources_glob_read_and_fingerprint(gcs, tmp_path):
   with pytest.raises(JaxlmError) as e:
     sources.resolve("web", f"{root}/*.nothing")
   one_line_error(e, "no file matches", f"{root}/*.nothing")
+  with pytest.raises(JaxlmError) as e:
+    sources.resolve("web", f"{root}/**/*.txt")
+  one_line_error(e, "** is not supported on gs://")
+  workdir_lib.write_text(f"{root}/ds/state.json", "{}")
+  with pytest.raises(JaxlmError) as e:
+    sources.resolve("web", f"{root}/ds")
+  one_line_error(e, f"{root}/ds is a saved dataset on gs://; hf_disk sources must be local")
