@@ -21,9 +21,10 @@ Writing: the shard in flight is appended to `tokens-NNNNN.bin.partial`; when it 
 index goes to `tokens-NNNNN.idx.partial`, both are fsynced, the .bin is renamed into place,
 then the .idx (so an .idx marks a complete shard), then the directory is fsynced. A kill -9
 therefore loses at most the shard in flight. Opening a `StoreWriter` on an unfinished store
-with the same header resumes it: complete shards are kept, the partial files removed, and
-`resume_point()` says how many documents of each source are stored, so the producer skips
-them; the finished store is byte-identical to an uninterrupted write.
+with the same header resumes it: complete shards are kept (and hashed again, for the
+manifest's checksums), the partial files removed, and `resume_point()` says how many documents
+of each source are stored, so the producer skips them; the finished store is byte-identical to
+an uninterrupted write. A store with another header is refused unless `rebuild=True`.
 
 Reading: `Store.open` memory-maps the shards read-only (np.memmap). A gs:// store is first
 downloaded, shard by shard, to a local cache directory (memory maps need local files; training
@@ -181,7 +182,10 @@ class StoreWriter:
         "sources": [{"name": str(n), "fingerprint": str(f)} for n, f in sources],
     }
     # Normalizes the tokenizer to what JSON keeps (tuples -> lists) so comparisons are fair.
-    self.header = json.loads(_dumps(self.header))
+    try:
+      self.header = json.loads(_dumps(self.header))
+    except (TypeError, ValueError) as e:
+      raise JaxlmError(f"the tokenizer dict must be JSON: {e}") from None
     self.complete = False
     self._manifest: dict | None = None
     self._shards: list[dict] = []

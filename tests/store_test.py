@@ -411,3 +411,59 @@ def test_kill_9_mid_shard_then_resume_is_byte_identical(tmp_path):
       w.add(source, tokens, nbytes)
   w.close()
   assert _files(d) == _files(tmp_path / "full")
+
+
+# ---------------------------------------------------------------------------------------------
+# gs:// (a local GCS emulator, as in workdir_test.py).
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gcs():
+  """gs://jaxlm-store-test on gcp-storage-emulator in this process; yields the bucket URL."""
+  import logging
+  import socket
+
+  from gcp_storage_emulator.server import create_server
+  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s are expected.
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  with pytest.MonkeyPatch.context() as mp:
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="jaxlm-store-test")
+    server.start()
+    mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+    mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    yield "gs://jaxlm-store-test"
+    server.stop()
+
+
+def test_gcs_store_is_read_through_a_local_cache(tmp_path, gcs):
+  from jaxlm import workdir as workdir_lib
+  docs = _docs()
+  _write(tmp_path / "s", docs)
+  remote = f"{gcs}/store"
+  for name in os.listdir(tmp_path / "s"):
+    workdir_lib.write_bytes(f"{remote}/{name}", (tmp_path / "s" / name).read_bytes())
+  store = Store.open(remote, verify=True, cache_dir=str(tmp_path / "cache"))
+  np.testing.assert_array_equal(store.tokens(0, store.num_tokens),
+                                np.concatenate([t for _, t, _ in docs]))
+  assert store.sources == Store.open(tmp_path / "s").sources
+  (copy,) = os.listdir(tmp_path / "cache")  # Keyed by the manifest's sha256.
+  assert sorted(os.listdir(tmp_path / "cache" / copy)) == sorted(
+      n for n in os.listdir(tmp_path / "s") if n != "manifest.json")
+  Store.open(remote, cache_dir=str(tmp_path / "cache"))  # Reuses the copy.
+  with pytest.raises(JaxlmError) as e:
+    _writer(remote)
+  _one_line(e, "local directories")
+  # A truncated remote shard is caught (after download) like a local one.
+  workdir_lib.write_bytes(f"{remote}/tokens-00001.bin", b"\x00\x00")
+  with pytest.raises(JaxlmError) as e:
+    Store.open(remote, cache_dir=str(tmp_path / "cache2"))
+  _one_line(e, "tokens-00001.bin is 2 bytes")
+
+
+def test_tokenizer_must_be_json(tmp_path):
+  with pytest.raises(JaxlmError) as e:
+    _writer(tmp_path / "s", tokenizer={"merges": {1, 2}})
+  _one_line(e, "tokenizer dict must be JSON")
