@@ -217,8 +217,11 @@ class StoreWriter:
       old = _load_json(manifest_path)
     elif os.path.exists(header_path):
       old = _load_json(header_path)
-    elif ours:
+    elif any(not n.endswith(PARTIAL) for n in ours):
       old = {}  # Shards without any header: not ours to guess about.
+    else:  # At most partial files of a first write killed before any shard: start afresh.
+      for name in ours:
+        os.remove(os.path.join(self.directory, name))
     if old is not None:
       diff = _first_difference(old, self.header) if old else "it has no writer.json"
       if diff and not rebuild:

@@ -467,3 +467,17 @@ def test_tokenizer_must_be_json(tmp_path):
   with pytest.raises(JaxlmError) as e:
     _writer(tmp_path / "s", tokenizer={"merges": {1, 2}})
   _one_line(e, "tokenizer dict must be JSON")
+
+
+def test_a_write_killed_before_its_first_shard_starts_afresh(tmp_path):
+  d = tmp_path / "s"
+  d.mkdir()
+  (d / "writer.json.partial").write_bytes(b'{"form')  # Killed while writing the header.
+  (d / "tokens-00000.bin.partial").write_bytes(b"\x01\x00")
+  docs = _docs()
+  w = _writer(d)
+  assert w.resume_point() == [0, 0] and sorted(os.listdir(d)) == ["writer.json"]
+  _feed(w, docs)
+  w.close()
+  _write(tmp_path / "full", docs)
+  assert _files(d) == _files(tmp_path / "full")
