@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
-from jaxlm import sources
 from jaxlm import workdir as workdir_lib
+from jaxlm.corpus import sources
 from jaxlm.errors import JaxlmError
 
 COMPRESSORS = {

@@ -11,9 +11,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from jaxlm import store as store_lib
+from jaxlm.corpus import store as store_lib
+from jaxlm.corpus.store import Store
+from jaxlm.corpus.store_writer import StoreWriter
 from jaxlm.errors import JaxlmError
-from jaxlm.store import Store, StoreWriter
 
 EOT = 0
 VOCAB = 1000
@@ -355,7 +356,7 @@ _KILL_DOCS = textwrap.dedent("""
 
 _CHILD = _KILL_DOCS + textwrap.dedent("""
     import sys
-    from jaxlm.store import StoreWriter
+    from jaxlm.corpus.store_writer import StoreWriter
     w = StoreWriter(sys.argv[1], vocab_size=50000, tokenizer={"t": 1}, eot_id=0,
                     sources=[("a", "1"), ("b", "2")], shard_tokens=20000)
     in_flight, shards = 0, 0
