@@ -1,6 +1,8 @@
 """Test setup: CPU only, 8 fake devices (for mesh tests), strict rank promotion."""
 
+import logging
 import os
+import socket
 import subprocess
 import sys
 
@@ -82,3 +84,20 @@ def random_model(base: dict, **overrides):
   keys = jax.random.split(jax.random.key(1), len(leaves))
   noisy = [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
   return model, jax.tree.unflatten(treedef, noisy)
+
+
+def start_gcs_emulator(mp: pytest.MonkeyPatch, bucket: str):
+  """Starts gcp-storage-emulator in this process (in memory, a free loopback port) with
+  gs://`bucket`, and points gcsfs at it through `mp`; returns (server, url). Offline."""
+  from gcp_storage_emulator.server import create_server
+  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s are expected.
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket)
+  server.start()
+  url = f"http://127.0.0.1:{port}"
+  mp.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs (etils.epath's gs:// backend).
+  # gcsfs would otherwise ask the (absent) storage-control API for each bucket's layout.
+  mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+  return server, url

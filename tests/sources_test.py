@@ -7,17 +7,16 @@ this process, as in workdir_test.py); nothing needs the network.
 import contextlib
 import gzip
 import json
-import logging
 import lzma
 import os
 import random
-import socket
 import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
+from conftest import start_gcs_emulator
 
 from jaxlm import workdir as workdir_lib
 from jaxlm.corpus import sources
@@ -421,16 +420,8 @@ def test_fingerprint_changes_with_the_files_and_only_then(tmp_path):
 @pytest.fixture(scope="module")
 def gcs():
   """gs://jaxlm-sources on a GCS emulator in this process (workdir_test.py starts it alike)."""
-  from gcp_storage_emulator.server import create_server
-  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s are expected.
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
   with pytest.MonkeyPatch.context() as mp:
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="jaxlm-sources")
-    server.start()
-    mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-    mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    server, _ = start_gcs_emulator(mp, "jaxlm-sources")
     yield "gs://jaxlm-sources"
     server.stop()
 

@@ -10,6 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import start_gcs_emulator
 
 from jaxlm.corpus import store as store_lib
 from jaxlm.corpus.store import Store
@@ -422,19 +423,8 @@ def test_kill_9_mid_shard_then_resume_is_byte_identical(tmp_path):
 @pytest.fixture(scope="module")
 def gcs():
   """gs://jaxlm-store-test on gcp-storage-emulator in this process; yields the bucket URL."""
-  import logging
-  import socket
-
-  from gcp_storage_emulator.server import create_server
-  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s are expected.
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
   with pytest.MonkeyPatch.context() as mp:
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="jaxlm-store-test")
-    server.start()
-    mp.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
-    mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+    server, _ = start_gcs_emulator(mp, "jaxlm-store-test")
     yield "gs://jaxlm-store-test"
     server.stop()
 

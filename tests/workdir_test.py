@@ -8,16 +8,14 @@ writes goes to the emulator. Nothing here needs the network.
 
 import importlib.util
 import json
-import logging
 import math
 import os
-import socket
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CONFIGS, assert_one_line_error, load_config, run_jaxlm
+from conftest import CONFIGS, assert_one_line_error, load_config, run_jaxlm, start_gcs_emulator
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import metrics, runs, sample, sweep, tokenizers, train
@@ -25,12 +23,6 @@ from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
 BUCKET = "jaxlm-test"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _with_generations(mp: pytest.MonkeyPatch) -> None:
@@ -89,19 +81,11 @@ def _with_generations(mp: pytest.MonkeyPatch) -> None:
 @pytest.fixture(scope="module")
 def gcs():
   """gs://jaxlm-test on a GCS emulator for this module; yields the bucket URL."""
-  from gcp_storage_emulator.server import create_server
-  logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)  # 404s are expected.
   with pytest.MonkeyPatch.context() as mp:
     _with_generations(mp)
-    port = _free_port()
-    server = create_server("127.0.0.1", port, in_memory=True, default_bucket=BUCKET)
-    server.start()
-    url = f"http://127.0.0.1:{port}"
-    mp.setenv("STORAGE_EMULATOR_HOST", url)  # gcsfs (etils.epath's gs:// backend).
+    server, url = start_gcs_emulator(mp, BUCKET)
     mp.setenv("TENSORSTORE_GCS_HTTP_URL", url)  # tensorstore (orbax's array writes).
     mp.setenv("GOOGLE_AUTH_TOKEN_FOR_TESTING", "emulator")  # tensorstore: no credential lookup.
-    # gcsfs would otherwise ask the (absent) storage-control API for each bucket's layout.
-    mp.setenv("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     yield f"gs://{BUCKET}"
     server.stop()
 
