@@ -197,3 +197,9 @@ def test_every_command_takes_absl_verbosity(command, verbosity):
   proc = probe(command, *verbosity, *args)
   assert_one_line_error(proc, fragment)
   assert "jax imported: False" in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample", "params"])
+def test_a_stray_argument_is_a_one_line_error(command):
+  proc = run_jaxlm(command, "--workdir", "/nonexistent", "runs/typo")
+  assert_one_line_error(proc, "unexpected argument 'runs/typo'", f"jaxlm {command} takes flags")

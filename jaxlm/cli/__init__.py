@@ -124,6 +124,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     _fail(_unknown_flag(command, e))
   except JaxlmError as e:
     _fail(str(e))
+  if rest[1:] and not hasattr(module, "CHILD_HINT"):  # Only launch and tpu take arguments.
+    _fail(f"unexpected argument {rest[1]!r}: jaxlm {command} takes flags only "
+          f"(jaxlm {command} --help lists them)")
   # app.run and absl.logging read their flags from the global FLAGS, which must say "parsed";
   # the values are there already (prepare() shares those Flag objects with the command).
   flags.FLAGS.mark_as_parsed()
