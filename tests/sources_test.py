@@ -19,7 +19,7 @@ import zstandard
 from conftest import start_gcs_emulator
 
 from jaxlm import workdir as workdir_lib
-from jaxlm.corpus import sources
+from jaxlm.corpus import sources, streams
 from jaxlm.errors import JaxlmError
 
 COMPRESSORS = {
@@ -37,7 +37,7 @@ def write(path, data: bytes | str) -> str:
   raw = data.encode("utf-8") if isinstance(data, str) else data
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "wb") as f:
-    f.write(COMPRESSORS[sources._compression(path)](raw))
+    f.write(COMPRESSORS[streams.compression(path)](raw))
   return path
 
 
@@ -175,7 +175,7 @@ def test_reading_streams(tmp_path, monkeypatch):
   write(tmp_path / "big.txt.gz", "line\n" * (1 << 20))
   write(tmp_path / "big.jsonl.gz", jsonl(*({"text": "x" * 100} for _ in range(50_000))))
   opened = []
-  real_open = sources._open
+  real_open = streams.open_bytes
 
   @contextlib.contextmanager
   def watched_open(path):
@@ -183,7 +183,7 @@ def test_reading_streams(tmp_path, monkeypatch):
       opened.append(f)
       yield f
 
-  monkeypatch.setattr(sources, "_open", watched_open)
+  monkeypatch.setattr(streams, "open_bytes", watched_open)
   for name in ("big.txt.gz", "big.jsonl.gz"):
     pieces = sources.iter_pieces(sources.resolve("s", str(tmp_path / name)),
                                  piece_bytes=piece_bytes)

@@ -24,24 +24,19 @@ import collections
 import contextlib
 import dataclasses
 import glob
-import gzip
 import hashlib
-import importlib
-import io
 import json
-import lzma
 import os
 import re
 from collections.abc import Iterator
-from typing import IO, Any
+from typing import Any
 
 from jaxlm import workdir as workdir_lib
+from jaxlm.corpus import streams
 from jaxlm.errors import JaxlmError
 
 KINDS = ("text", "jsonl", "parquet", "hf_disk")
 BAD_RECORD_POLICIES = ("fail", "skip")
-COMPRESSIONS = (".gz", ".xz", ".zst")  # Stripped before the kind is read from the extension.
-DATA_EXTRA = "pip install 'jaxlm[data]'"
 
 # Bumped when the reading rules change (what counts as a document), so a fingerprint taken
 # under other rules no longer matches.
@@ -108,17 +103,17 @@ def resolve(name: str, path: str, *, kind: str = "auto", text_field: str = "text
     raise JaxlmError(f"source {name!r}: {path!r} mixes kinds: {mixed}; make one source per "
                      "kind or pass kind=")
   (found_kind, files), = by_kind.items()
-  compressions = {_compression(f) for f in files} - {""}
+  compressions = {streams.compression(f) for f in files} - {""}
   if compressions and found_kind in ("parquet", "hf_disk"):
     raise JaxlmError(f"source {name!r}: {_first(files)}: a compressed {found_kind} file cannot "
                      "be streamed; Parquet compresses internally, leave it uncompressed")
   if ".zst" in compressions:
-    _require("zstandard", f"source {name!r} has zstd-compressed files")
+    streams.require("zstandard", f"source {name!r} has zstd-compressed files")
   if found_kind == "parquet":
-    _require("pyarrow.parquet", f"source {name!r} has Parquet files")
+    streams.require("pyarrow.parquet", f"source {name!r} has Parquet files")
   if found_kind == "hf_disk":
-    _require("datasets", f"source {name!r} has datasets saved with save_to_disk",
-             "pip install datasets")
+    streams.require("datasets", f"source {name!r} has datasets saved with save_to_disk",
+                    "pip install datasets")
   return Source(name=name, kind=found_kind, files=tuple(sorted(files)), text_field=text_field,
                 on_bad_record=on_bad_record, pattern=path)
 
@@ -159,25 +154,13 @@ def _directory_kind(name: str, directory: str, remote: bool) -> str | None:
   return "hf_disk"
 
 
-def _compression(path: str) -> str:
-  return next((c for c in COMPRESSIONS if path.endswith(c)), "")  # '' for none
-
-
 def _file_kind(path: str) -> str:
-  ext = os.path.splitext(path.removesuffix(_compression(path)))[1].lower()
+  ext = os.path.splitext(path.removesuffix(streams.compression(path)))[1].lower()
   return {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}.get(ext, "text")
 
 
 def _first(items: list[str]) -> str:
   return os.path.basename(items[0]) + (", ..." if len(items) > 1 else "")
-
-
-def _require(module: str, why: str, hint: str = DATA_EXTRA) -> Any:
-  """Imports an optional dependency, or a one-line error saying why it is needed and how."""
-  try:
-    return importlib.import_module(module)
-  except ImportError:
-    raise JaxlmError(f"{why}; install {module.split('.')[0]}: {hint}") from None
 
 
 def fingerprint(source: Source) -> str:
@@ -272,74 +255,11 @@ def iter_pieces(source: Source, *, piece_bytes: int = 8 << 20,
                      f" bad record(s) skipped, {stats.empty - before.empty} empty document(s)")
 
 
-@contextlib.contextmanager
-def _open(path: str) -> Iterator[IO[bytes]]:
-  """A binary stream of the file's decompressed bytes (gzip, xz and zstd by suffix).
-
-  Bytes, not text mode: pieces are cut by byte count and errors report byte offsets; the text
-  is decoded by the readers, strictly, as UTF-8. What opening or reading raises (a missing
-  file, a corrupt or truncated stream) becomes a one-line error naming the file.
-  """
-  compression = _compression(path)
-  try:
-    with contextlib.ExitStack() as stack:
-      remote = workdir_lib.is_remote(path)
-      raw = stack.enter_context(workdir_lib.path(path).open("rb") if remote else open(path, "rb"))
-      if compression == ".gz":
-        raw = stack.enter_context(gzip.GzipFile(fileobj=raw, mode="rb"))
-      elif compression == ".xz":
-        raw = stack.enter_context(lzma.LZMAFile(raw))
-      elif compression == ".zst":
-        zstandard = _require("zstandard", f"{path} is zstd-compressed")
-        raw = stack.enter_context(io.BufferedReader(_ZstdReader(raw, zstandard), 1 << 16))
-      yield raw
-  except (OSError, EOFError, lzma.LZMAError) as e:  # gzip raises OSError, zstd is made one.
-    if isinstance(e, OSError) and e.errno is not None:
-      raise JaxlmError(f"cannot read {path}: {e.strerror}") from None
-    what = f"{compression[1:]} stream" if compression else "file"
-    raise JaxlmError(f"cannot read {path}: corrupt or truncated {what} "
-                     f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-
-
-class _ZstdReader(io.RawIOBase):
-  """The frames of a zstd stream one after another, decompressed from 64 KiB of input at a time.
-
-  Not zstandard's stream_reader, which ends a truncated stream without a word.
-  """
-
-  def __init__(self, raw: IO[bytes], zstandard: Any):
-    self._raw, self._zstd, self._frame, self._out = raw, zstandard, None, memoryview(b"")
-
-  def readable(self) -> bool:
-    return True
-
-  def readinto(self, b) -> int:
-    while not self._out:
-      data, out = self._raw.read(1 << 16), []
-      if not data and self._frame is not None:
-        raise OSError("the stream ends inside a frame")
-      if not data:
-        return 0
-      while data:  # What follows the end of a frame is the next frame.
-        if self._frame is None:
-          self._frame = self._zstd.ZstdDecompressor().decompressobj()
-        try:
-          out.append(self._frame.decompress(data))
-        except self._zstd.ZstdError as e:
-          raise OSError(str(e)) from None
-        data = self._frame.unused_data if self._frame.eof else b""
-        self._frame = None if self._frame.eof else self._frame
-      self._out = memoryview(b"".join(out))
-    n = min(len(b), len(self._out))
-    b[:n], self._out = self._out[:n], self._out[n:]
-    return n
-
-
 def _text_pieces(path: str, piece_bytes: int) -> Iterator[tuple[str, bool]]:
   """(text, last) pieces of one text file; one empty piece for an empty file."""
   offset = 0  # Decompressed bytes of the file before `buf`.
   buf = bytearray()
-  with _open(path) as f:
+  with streams.open_bytes(path) as f:
     while chunk := f.read(piece_bytes):
       buf += chunk
       # Emit only pieces known not to be the last (bytes follow them); the rest at EOF.
@@ -367,7 +287,7 @@ def _decode(data: bytes, path: str, offset: int) -> str:
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
-    where = " (decompressed)" if _compression(path) else ""
+    where = " (decompressed)" if streams.compression(path) else ""
     raise JaxlmError(f"{path} is not UTF-8 text: invalid byte at offset "
                      f"{offset + e.start}{where}") from None
 
@@ -378,7 +298,7 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a num
 
 def _jsonl_records(source: Source, path: str) -> Iterator[tuple[str, str | None]]:
   """(text, None) per good line, ("", what is wrong) per bad one; blank lines are skipped."""
-  with _open(path) as f:
+  with streams.open_bytes(path) as f:
     for lineno, line in enumerate(f, 1):
       if line.strip():
         text, problem = _json_record(line, source.text_field)
@@ -404,7 +324,7 @@ def _json_record(line: bytes, field: str) -> tuple[str, str | None]:
 
 def _parquet_records(source: Source, path: str) -> Iterator[tuple[str, str | None]]:
   """The text column of a Parquet file, read in record batches of that column only."""
-  pq = _require("pyarrow.parquet", f"source {source.name!r} has Parquet files")
+  pq = streams.require("pyarrow.parquet", f"source {source.name!r} has Parquet files")
   import pyarrow as pa
   string = (pa.string(), pa.large_string(), getattr(pa, "string_view", pa.string)())
   field = source.text_field
@@ -434,8 +354,9 @@ def _check_column(path: str, field: str, names: list[str], column_type: Any,
 
 def _hf_records(source: Source, path: str) -> Iterator[tuple[str, str | None]]:
   """The text column of a saved Dataset, in row order (datasets memory-maps its Arrow files)."""
-  datasets = _require("datasets", f"source {source.name!r} has datasets saved with save_to_disk",
-                      "pip install datasets")
+  datasets = streams.require(
+      "datasets", f"source {source.name!r} has datasets saved with save_to_disk",
+      "pip install datasets")
   field = source.text_field
   try:
     ds = datasets.load_from_disk(path)
