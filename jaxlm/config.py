@@ -10,10 +10,14 @@ from typing import Any
 
 import ml_collections
 
+from absl import logging
+
 from jaxlm import data as data_lib
 from jaxlm import model as model_lib
 from jaxlm import optim, sharding, tokenizers
 from jaxlm import workdir as workdir_lib
+from jaxlm.corpus import batches as batches_lib
+from jaxlm.corpus import spec as corpus_spec
 from jaxlm.errors import JaxlmError
 
 # What model.family fills in for each architecture key left at its "" / None / 0 default.
@@ -102,6 +106,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if t.batch_size % t.grad_accum:
     raise JaxlmError(f"train.batch_size={t.batch_size} is not divisible by "
                      f"train.grad_accum={t.grad_accum}")
+  if corpus_spec.uses_sources(cfg):
+    corpus_spec.from_config(cfg)  # Sources, weights, rows: checked before anything is read.
   tok = cfg.data.tokenizer
   if tok not in tokenizers.KINDS and not tokenizers.is_tokenizer_path(tok):
     raise JaxlmError(f"unknown data.tokenizer={tok!r}: expected one of "
@@ -119,8 +125,16 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   sharding.get_rules(cfg.mesh.rules)
 
 
-def load_dataset(cfg: ml_collections.ConfigDict) -> data_lib.Dataset:
-  """The corpus and tokenizer that `cfg.data` names, split, checked against the block size."""
+def load_dataset(cfg: ml_collections.ConfigDict, *, log=logging.info,
+                 rebuild: bool = False) -> data_lib.Dataset | batches_lib.StoreData:
+  """The corpus and tokenizer that `cfg.data` names, split, checked against the block size.
+
+  With data.sources: the prepared token stores (prepared first when missing, with progress
+  through `log`); else data.path tokenized in memory (jaxlm/data.py).
+  """
+  if corpus_spec.uses_sources(cfg):
+    return batches_lib.load(corpus_spec.from_config(cfg), cfg.model.block_size, log=log,
+                            rebuild=rebuild)
   # Runs saved before data.vocab_size existed used no trained tokenizer.
   vocab_size = cfg.data.vocab_size if "vocab_size" in cfg.data else 0
   return data_lib.load_dataset(cfg.data.path, cfg.data.tokenizer,
@@ -133,7 +147,7 @@ def resolve_vocab_size(cfg: ml_collections.ConfigDict) -> tuple[int, str]:
   """(vocab size, where it came from); reads the corpus only when a tokenizer must see it."""
   if cfg.model.vocab_size:
     return cfg.model.vocab_size, "model.vocab_size"
-  if cfg.data.tokenizer == "byte":
-    return tokenizers.ByteTokenizer.vocab_size, "byte tokenizer"
+  if cfg.data.tokenizer == "byte" and not corpus_spec.uses_sources(cfg):
+    return tokenizers.ByteTokenizer().vocab_size, "byte tokenizer"
   dataset = load_dataset(cfg)
   return dataset.tokenizer.vocab_size, f"{cfg.data.tokenizer} tokenizer on {dataset.source}"

@@ -8,6 +8,7 @@ multi-host run gives each process its own rows of the same global batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
 import hashlib
 import importlib.resources
@@ -15,6 +16,7 @@ import json
 import lzma
 import os
 import tempfile
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,6 +40,27 @@ class Dataset:
   tokenizer: tokenizers.Tokenizer
   source: str  # what was read: the glob/path, or the shipped corpus' name
   sha256: str  # of the raw corpus bytes
+
+  # The interface training and evaluation read data through (corpus/batches.StoreData, the
+  # data.sources form, has the same): a train batch by step, named evaluation batch functions.
+
+  def summary(self) -> str:
+    return (f"{self.source} | tokenizer {self.tokenizer.kind}, vocab {self.tokenizer.vocab_size}"
+            f" | train {len(self.train):,} tokens, val {len(self.val):,} tokens")
+
+  def train_batch(self, **kw) -> dict[str, np.ndarray]:
+    return get_batch(self.train, stream=TRAIN_STREAM, **kw)
+
+  def eval_sets(self) -> dict[str, Callable[..., dict[str, np.ndarray]]]:
+    return {"train": functools.partial(get_batch, self.train, stream=EVAL_TRAIN_STREAM),
+            "val": functools.partial(get_batch, self.val, stream=EVAL_VAL_STREAM)}
+
+  def aliases(self) -> dict[str, str]:
+    return {}
+
+  def mixture(self, steps: int, batch_size: int) -> list[str]:
+    del steps, batch_size  # One source: no mixture to report.
+    return []
 
 
 def read_corpus(path: str) -> tuple[bytes, str]:

@@ -35,8 +35,23 @@ def base_config() -> ml_collections.ConfigDict:
   # on the corpus, needs jaxlm[bpe]) | the path of a tokenizer.json (jaxlm's or Hugging Face's).
   c.data.tokenizer = "char"
   c.data.vocab_size = 1024  # Target vocabulary of the bpe tokenizer (256 bytes + merges).
-  c.data.val_fraction = 0.1  # The last 10% of tokens are the validation split.
-  c.data.cache_dir = ""  # Token cache; "" = $XDG_CACHE_HOME/jaxlm/tokens.
+  # data.path: the last 10% of tokens are the validation split. data.sources: the fraction of
+  # each source's documents held out for validation (spread over the source, by a hash).
+  c.data.val_fraction = 0.1
+  c.data.cache_dir = ""  # Token cache and stores; "" = $XDG_CACHE_HOME/jaxlm/tokens.
+  # Real corpora: named sources of documents, mixed by weight, tokenized ahead (jaxlm prepare,
+  # or the first jaxlm train) into a token store; each document ends with an end-of-text
+  # token. Replaces data.path. A source is a ConfigDict of path (files, glob, directory, local
+  # or gs://: text, .gz/.xz/.zst, JSONL, Parquet, a saved HF dataset), weight (default 1; 0 =
+  # evaluated only), val_path ("" = hold out val_fraction of path's documents), kind (auto)
+  # and text_field ("text"). Keys, errors and examples: jaxlm/corpus/spec.py.
+  c.data.sources = ml_collections.ConfigDict()
+  c.data.store = ""  # The token store directory (or gs:// one, prepared); "" = in cache_dir.
+  c.data.rows = "windows"  # Rows start anywhere (windows) or at a document start (documents).
+  c.data.bpe_sample_mb = 64  # A trained bpe learns from this many MB spread over the sources.
+  # A JSONL line that is not JSON or lacks the text field, a bad Parquet/dataset row: fail
+  # (a one-line error naming file and line) | skip (skipped and counted in the prepare log).
+  c.data.on_bad_record = "fail"
 
   c.model = ml_collections.ConfigDict()
   # Architecture presets: gpt2 (LayerNorm, learned positions, GELU MLP, biases, tied head) |

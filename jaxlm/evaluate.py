@@ -48,10 +48,15 @@ def stack(batches: Iterable[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def evaluate(eval_fn: Callable[[PyTree, dict[str, jax.Array]], dict[str, jax.Array]],
-             params: PyTree, batches: dict[str, jax.Array]) -> dict[str, float]:
+             params: PyTree, batches: dict[str, jax.Array],
+             n_bytes: int | None = None) -> dict[str, float]:
   """Token-weighted mean loss over stacked `batches` (jitted `eval_steps` as eval_fn), plus
-  perplexity and bits per token."""
+  perplexity, bits per token and, given the UTF-8 bytes the targets stand for, bits per byte
+  (`bpb`: the summed loss in bits over those bytes, comparable across tokenizers)."""
   out = eval_fn(params, batches)
   loss = float(out["loss_sum"] / jnp.maximum(out["tokens"], 1.0))  # The one host sync.
-  return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
-          "bits_per_token": loss / math.log(2.0)}
+  result = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)),
+            "bits_per_token": loss / math.log(2.0)}
+  if n_bytes is not None:
+    result["bpb"] = float(out["loss_sum"]) / math.log(2.0) / max(n_bytes, 1)
+  return result

@@ -13,7 +13,6 @@ import ml_collections
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
-from jaxlm import data as data_lib
 from jaxlm import evaluate, sharding, tokenizers
 from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
@@ -96,12 +95,20 @@ def evaluate_run(workdir: str, step: int | str | None = None,
   cfg = run.cfg
   dataset = config_lib.load_dataset(cfg)
   n = eval_steps or cfg.train.eval_steps
-  # The same fixed batches as the evaluations during training, so the numbers compare.
-  batches = evaluate.stack(
-      data_lib.get_batch(dataset.val, seed=cfg.seed, step=i, batch_size=cfg.train.batch_size,
-                         block_size=cfg.model.block_size, stream=data_lib.EVAL_VAL_STREAM)
-      for i in range(n))
   eval_fn = jax.jit(functools.partial(evaluate.eval_steps, model=run.model))
-  result = evaluate.evaluate(eval_fn, run.params, batches)
-  return {"step": run.step, "tokens": n * cfg.train.batch_size * cfg.model.block_size,
-          **{f"val/{k}": v for k, v in result.items()}}
+  table = dataset.tokenizer.token_bytes() if run.tokenizer else None
+  out: dict[str, Any] = {"step": run.step,
+                         "tokens": n * cfg.train.batch_size * cfg.model.block_size}
+  # The same fixed batches as the evaluations during training, so the numbers compare.
+  for name, fn in dataset.eval_sets().items():
+    if not name.startswith("val"):
+      continue
+    batches = evaluate.stack(fn(seed=cfg.seed, step=i, batch_size=cfg.train.batch_size,
+                                block_size=cfg.model.block_size) for i in range(n))
+    n_bytes = int(table[batches["targets"]].sum()) if table is not None else None
+    result = evaluate.evaluate(eval_fn, run.params, batches, n_bytes)
+    out.update({f"{name}/{k}": v for k, v in result.items()})
+  for alias, name in dataset.aliases().items():
+    out.update({f"{alias}/{k}": out[f"{name}/{k}"] for k in ("loss", "bpb") if
+                f"{name}/{k}" in out})
+  return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,9 @@ from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
 KINDS = ("char", "byte", "bpe")
+EOT_TOKEN = "<|endoftext|>"  # How an end-of-text id decodes, and the special token of a BPE.
+# End-of-text tokens a loaded tokenizer.json may have, in the order they are looked for.
+EOT_CANDIDATES = (EOT_TOKEN, "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>")
 INSTALL_HINT = "the bpe tokenizer needs Hugging Face tokenizers: pip install 'jaxlm[bpe]'"
 MIN_BPE_VOCAB = 257  # The 256 byte symbols plus at least one merge.
 
@@ -32,20 +36,38 @@ def _hf_tokenizers():
 
 
 class ByteTokenizer:
-  """UTF-8 bytes as tokens: vocab 256, round-trips any text and any byte string."""
+  """UTF-8 bytes as tokens: vocab 256, round-trips any text and any byte string.
+
+  With eot=True id 256 is a reserved end-of-text token (vocab 257): documents of a token store
+  end with it, and no text encodes to it.
+  """
 
   kind = "byte"
-  vocab_size = 256
+
+  def __init__(self, eot: bool = False):
+    self.eot_id = 256 if eot else None
+    self.vocab_size = 257 if eot else 256
 
   def encode(self, text: str | bytes) -> np.ndarray:
     data = text.encode("utf-8") if isinstance(text, str) else text
     return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
 
   def decode(self, ids: Any) -> str:
-    return bytes(np.asarray(ids, dtype=np.uint8).tolist()).decode("utf-8", errors="replace")
+    ids = np.asarray(ids).reshape(-1)
+    parts = np.split(ids, np.flatnonzero(ids == 256)) if self.eot_id else [ids]
+    text = [bytes(p[p != 256].astype(np.uint8).tolist()).decode("utf-8", errors="replace")
+            for p in parts]
+    return EOT_TOKEN.join(text)
+
+  def token_bytes(self) -> np.ndarray:
+    """UTF-8 bytes each id stands for (0 for end-of-text): the denominator of bits per byte."""
+    return np.array([1] * 256 + [0] * (self.vocab_size - 256), dtype=np.int64)
 
   def to_json(self) -> dict[str, Any]:
-    return {"kind": self.kind, "vocab_size": self.vocab_size}
+    d = {"kind": self.kind, "vocab_size": self.vocab_size}
+    if self.eot_id is not None:
+      d["eot"] = True
+    return d
 
 
 class CharTokenizer:
@@ -53,11 +75,13 @@ class CharTokenizer:
 
   kind = "char"
 
-  def __init__(self, chars: str):
+  def __init__(self, chars: str, eot: bool = False):
     if not chars:
       raise JaxlmError("char tokenizer needs a non-empty vocabulary")
     self.chars = "".join(sorted(set(chars)))
-    self.vocab_size = len(self.chars)
+    # With eot=True the id after the characters is a reserved end-of-text token.
+    self.eot_id = len(self.chars) if eot else None
+    self.vocab_size = len(self.chars) + bool(eot)
     self._codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
 
   @classmethod
@@ -67,7 +91,7 @@ class CharTokenizer:
   def encode(self, text: str) -> np.ndarray:
     cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
     ids = np.searchsorted(self._codepoints, cps)
-    ids = np.minimum(ids, self.vocab_size - 1)
+    ids = np.minimum(ids, len(self.chars) - 1)
     bad = self._codepoints[ids] != cps
     if bad.any():
       unknown = sorted({chr(c) for c in cps[bad]})
@@ -77,10 +101,19 @@ class CharTokenizer:
     return ids.astype(np.int32)
 
   def decode(self, ids: Any) -> str:
-    return "".join(self.chars[i] for i in np.asarray(ids).reshape(-1).tolist())
+    table = self.chars + EOT_TOKEN if self.eot_id is not None else self.chars
+    n = len(self.chars)
+    return "".join(table[i] if i < n else table[n:] for i in np.asarray(ids).reshape(-1).tolist())
+
+  def token_bytes(self) -> np.ndarray:
+    sizes = [len(c.encode("utf-8")) for c in self.chars]
+    return np.array(sizes + [0] * (self.vocab_size - len(sizes)), dtype=np.int64)
 
   def to_json(self) -> dict[str, Any]:
-    return {"kind": self.kind, "vocab_size": self.vocab_size, "chars": self.chars}
+    d = {"kind": self.kind, "vocab_size": self.vocab_size, "chars": self.chars}
+    if self.eot_id is not None:
+      d["eot"] = True
+    return d
 
 
 class BpeTokenizer:
@@ -91,10 +124,18 @@ class BpeTokenizer:
   def __init__(self, hf: Any):
     self.hf = hf
     self.vocab_size = hf.get_vocab_size(with_added_tokens=True)
+    # The first end-of-text token the vocabulary has, if any (None: cannot end documents).
+    self.eot_id = next((i for t in EOT_CANDIDATES if (i := hf.token_to_id(t)) is not None),
+                       None)
 
   @classmethod
-  def train(cls, text: str, vocab_size: int) -> BpeTokenizer:
-    """Byte-level BPE learned from `text`; deterministic for the same text and vocab_size."""
+  def train(cls, text: str | Iterable[str], vocab_size: int,
+            eot: bool = False) -> BpeTokenizer:
+    """Byte-level BPE learned from `text` (a string, or an iterator of texts, streamed);
+    deterministic for the same text and vocab_size.
+
+    With eot=True the vocabulary's last id is the special token <|endoftext|>.
+    """
     if vocab_size < MIN_BPE_VOCAB:
       raise JaxlmError(f"data.vocab_size={vocab_size} is too small for byte-level BPE: it "
                        f"needs at least {MIN_BPE_VOCAB} (256 bytes + merges)")
@@ -104,10 +145,14 @@ class BpeTokenizer:
     tok.pre_tokenizer = hf.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = hf.decoders.ByteLevel()
     trainer = hf.trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, show_progress=False,
+        vocab_size=vocab_size - bool(eot), min_frequency=2, show_progress=False,
         initial_alphabet=hf.pre_tokenizers.ByteLevel.alphabet())
     # Lines as the training iterator: the trainer counts words per line, in one pass.
-    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    texts = [text] if isinstance(text, str) else text
+    tok.train_from_iterator((line for t in texts for line in t.splitlines(keepends=True)),
+                            trainer=trainer)
+    if eot:
+      tok.add_special_tokens([EOT_TOKEN])
     return cls(tok)
 
   @classmethod
@@ -119,9 +164,24 @@ class BpeTokenizer:
       text = decode_utf8(text, name="text for the bpe tokenizer")
     return np.asarray(self.hf.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    """Many texts at once on every core (the Rust side runs them in parallel, GIL released)."""
+    return [e.ids for e in self.hf.encode_batch_fast(texts, add_special_tokens=False)]
+
   def decode(self, ids: Any) -> str:
     # Ids that end inside a multi-byte character decode to U+FFFD rather than failing.
     return self.hf.decode(np.asarray(ids).reshape(-1).tolist(), skip_special_tokens=False)
+
+  def token_bytes(self) -> np.ndarray:
+    """UTF-8 bytes each id stands for; special tokens count 0 (they are not text)."""
+    special = {t.content for t in self.hf.get_added_tokens_decoder().values() if t.special}
+    if isinstance(self.hf.decoder, _hf_tokenizers().decoders.ByteLevel):
+      # A byte-level token is spelt with one printable character per byte.
+      return np.array([0 if (t := self.hf.id_to_token(i)) is None or t in special else len(t)
+                       for i in range(self.vocab_size)], dtype=np.int64)
+    return np.array([0 if (t := self.hf.id_to_token(i)) is None or t in special else
+                     len(self.hf.decode([i]).encode("utf-8")) for i in range(self.vocab_size)],
+                    dtype=np.int64)
 
   def to_json(self) -> dict[str, Any]:
     # The Hugging Face tokenizer.json, whole, inside jaxlm's JSON.
@@ -135,6 +195,13 @@ Tokenizer = ByteTokenizer | CharTokenizer | BpeTokenizer
 def is_tokenizer_path(kind: str) -> bool:
   """data.tokenizer names a tokenizer.json file rather than a kind."""
   return kind not in KINDS and kind.endswith(".json")
+
+
+def encode_batch(tokenizer: Tokenizer, texts: list[str]) -> list[np.ndarray]:
+  """Each text's ids; a BPE encodes them all in parallel, char and byte one by one (numpy)."""
+  if isinstance(tokenizer, BpeTokenizer):
+    return [np.asarray(ids, dtype=np.int64) for ids in tokenizer.encode_batch(texts)]
+  return [tokenizer.encode(t) for t in texts]
 
 
 def make_tokenizer(kind: str, corpus: bytes, vocab_size: int = 0) -> Tokenizer:
@@ -166,9 +233,9 @@ def decode_utf8(corpus: bytes, name: str = "corpus") -> str:
 def from_json(d: dict[str, Any]) -> Tokenizer:
   kind = d.get("kind")
   if kind == "byte":
-    return ByteTokenizer()
+    return ByteTokenizer(eot=d.get("eot", False))
   if kind == "char":
-    return CharTokenizer(d["chars"])
+    return CharTokenizer(d["chars"], eot=d.get("eot", False))
   if kind == "bpe":
     return BpeTokenizer.from_hf_json(json.dumps(d["hf"]))
   if kind is None and "model" in d:  # A Hugging Face tokenizer.json as is.

@@ -26,6 +26,7 @@ from jaxlm import data as data_lib
 from jaxlm import evaluate, metrics, runs, sample, sharding, tokenizers
 from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
+from jaxlm.corpus import batches as batches_lib
 from jaxlm.errors import JaxlmError
 from jaxlm.host import allocator
 from jaxlm.preemption import StopRequest
@@ -51,30 +52,36 @@ def check_resumable(workdir: str, resolved: dict[str, Any]) -> None:
 @dataclasses.dataclass(frozen=True)
 class Batches:
   """This process' rows of any step's batch: a pure function of (seed, step, process)."""
-  dataset: data_lib.Dataset
+  data: data_lib.Dataset | batches_lib.StoreData
   seed: int
   batch_size: int  # Global.
   block_size: int
   sharding: jax.sharding.NamedSharding  # Of K batches stacked on a leading axis.
 
-  def host(self, tokens: np.ndarray, step: int, stream: int) -> dict[str, np.ndarray]:
-    return data_lib.get_batch(tokens, seed=self.seed, step=step, batch_size=self.batch_size,
-                              block_size=self.block_size, stream=stream,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
+  def _kw(self, step: int, **kw) -> dict[str, Any]:
+    return {"seed": self.seed, "step": step, "batch_size": self.batch_size,
+            "block_size": self.block_size, "process_index": jax.process_index(),
+            "process_count": jax.process_count(), **kw}
 
   def train(self, step: int, k: int) -> dict[str, jax.Array]:
     """The training batches of steps step .. step + k - 1, stacked, as global arrays."""
     return sharding.host_to_global(evaluate.stack(
-        self.host(self.dataset.train, s, data_lib.TRAIN_STREAM) for s in range(step, step + k)),
-        self.sharding)
+        self.data.train_batch(**self._kw(s)) for s in range(step, step + k)), self.sharding)
 
-  def eval(self, split: str, n: int) -> dict[str, jax.Array]:
-    """The fixed `n` evaluation batches of a split, the same at every evaluation."""
-    tokens, stream = {"train": (self.dataset.train, data_lib.EVAL_TRAIN_STREAM),
-                      "val": (self.dataset.val, data_lib.EVAL_VAL_STREAM)}[split]
-    return sharding.host_to_global(
-        evaluate.stack(self.host(tokens, i, stream) for i in range(n)), self.sharding)
+  def eval(self, n: int) -> dict[str, tuple[dict[str, jax.Array], int]]:
+    """Per evaluation set: its fixed `n` batches (the same at every evaluation) and the UTF-8
+    bytes their targets stand for in the global batch (for bits per byte)."""
+    table = self.data.tokenizer.token_bytes()
+    out = {}
+    for name, fn in self.data.eval_sets().items():
+      host = evaluate.stack(fn(**self._kw(i)) for i in range(n))
+      if jax.process_count() == 1:
+        n_bytes = int(table[host["targets"]].sum())
+      else:  # Every process counts the bytes of the whole global batch, not of its rows.
+        n_bytes = sum(int(table[fn(**self._kw(i, process_index=0, process_count=1))
+                                ["targets"]].sum()) for i in range(n))
+      out[name] = (sharding.host_to_global(host, self.sharding), n_bytes)
+    return out
 
 
 def open_checkpoints(workdir: str, keep: int) -> tuple[checkpoint_lib.Checkpointer, int | None]:
@@ -118,15 +125,21 @@ def next_boundary(step: int, cfg: ml_collections.ConfigDict) -> int:
 
 
 def run_eval(training: build_lib.ShardedTraining, params: Any,
-             eval_batches: dict[str, dict[str, jax.Array]], step: int,
-             writer: metrics.MetricsWriter) -> dict[str, float]:
-  """Loss, perplexity and bits per token on each split's fixed batches; logged and written."""
-  results = {f"{split}/{k}": v for split, batches in eval_batches.items()
-             for k, v in evaluate.evaluate(training.eval, params, batches).items()}
-  writer.write(step, {k.replace("train/", "eval_train/"): v for k, v in results.items()})
+             eval_batches: dict[str, tuple[dict[str, jax.Array], int]], aliases: dict[str, str],
+             step: int, writer: metrics.MetricsWriter) -> dict[str, float]:
+  """Loss, perplexity, bits per token and per byte on each set's fixed batches; logged."""
+  results = {f"{name}/{k}": v for name, (batches, n_bytes) in eval_batches.items()
+             for k, v in evaluate.evaluate(training.eval, params, batches, n_bytes).items()}
+  for alias, name in aliases.items():
+    results.update({f"{alias}/{k[len(name) + 1:]}": v for k, v in list(results.items())
+                    if k.startswith(name + "/") and k.count("/") == name.count("/") + 1})
+  writer.write(step, {("eval_" + k if k.startswith("train/") else k): v
+                      for k, v in results.items()})
+  per_source = "".join(f" | {k[4:-5]} {v:.4f}" for k, v in results.items()
+                       if k.startswith("val/") and k.endswith("/loss") and k.count("/") == 2)
   logging.info("eval  step %d | train loss %.4f | val loss %.4f | val ppl %.2f | "
-               "val bits/token %.4f", step, results["train/loss"], results["val/loss"],
-               results["val/perplexity"], results["val/bits_per_token"])
+               "val bits/byte %.4f%s", step, results["train/loss"], results["val/loss"],
+               results["val/perplexity"], results["val/bpb"], per_source)
   return results
 
 
@@ -218,13 +231,13 @@ def save(ckpt: checkpoint_lib.Checkpointer, state: TrainState, step: int,
 
 
 def log_setup(cfg: ml_collections.ConfigDict, setup: build_lib.Setup,
-              dataset: data_lib.Dataset, params: Any) -> None:
+              dataset: data_lib.Dataset | batches_lib.StoreData, params: Any) -> None:
   mcfg, n_proc = setup.mcfg, jax.process_count()
   n_matmul = model_lib.matmul_params(params)
   logging.info("config:\n%s", cfg)
-  logging.info("data: %s | tokenizer %s, vocab %d | train %s tokens, val %s tokens",
-               dataset.source, dataset.tokenizer.kind, dataset.tokenizer.vocab_size,
-               f"{len(dataset.train):,}", f"{len(dataset.val):,}")
+  logging.info("data: %s", dataset.summary())
+  for line in dataset.mixture(cfg.train.steps, cfg.train.batch_size):
+    logging.info("mixture: %s", line)
   logging.info("model: %s parameters (%s in matmuls) | %.3g FLOPs/token | %d layers, "
                "d_model %d, %d heads, block %d", f"{model_lib.count_params(params):,}",
                f"{n_matmul:,}", metrics.flops_per_token(n_matmul, mcfg.n_layer, mcfg.d_model,
@@ -274,13 +287,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   logging.info("compiled train step%s in %.2fs",
                f" ({per_call} steps per call)" if per_call > 1 else "",
                time.perf_counter() - t0)
-  eval_batches = {split: batches.eval(split, cfg.train.eval_steps) for split in ("train", "val")}
+  eval_batches = batches.eval(cfg.train.eval_steps)
   writer = metrics.MetricsWriter(workdir, enabled=is_main)
   step_log = StepLog(cfg, setup, state.params, writer, step)
 
   final = {}
   if cfg.train.eval_every and step == 0:
-    final = run_eval(training, state.params, eval_batches, step, writer)
+    final = run_eval(training, state.params, eval_batches, dataset.aliases(), step,
+                         writer)
     samples.write(step, state.params)
   stop = StopRequest()
   last_saved, stopped_early = latest, False
@@ -298,7 +312,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         step_log.flush(step)
       evaluated = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or done)
       if evaluated:
-        final = run_eval(training, state.params, eval_batches, step, writer)
+        final = run_eval(training, state.params, eval_batches, dataset.aliases(), step,
+                         writer)
         samples.write(step, state.params)
       every = cfg.checkpoint.every
       if done or stopping or (every and step % every == 0):

@@ -1,6 +1,6 @@
 """The `jaxlm` console script: `jaxlm <command> [flags]`, one module per command in jaxlm/cli/.
 
-Commands: train, eval, sample, sweep, bench, params, convert, launch, tpu. Each command module
+Commands: prepare, train, eval, sample, sweep, bench, params, convert, launch, tpu. Each command module
 owns its flags (a FlagValues of its own, not absl's global FLAGS) and its `main`; this module
 picks the command, parses argv into that command's flags only, and prints bad input as one line
 (`jaxlm: error: ...`, exit 2) instead of a traceback. No command module imports jax at import
@@ -22,11 +22,13 @@ from absl import app, flags, logging
 from jaxlm.cli import common
 from jaxlm.errors import JaxlmError
 
-COMMANDS = ("train", "eval", "sample", "sweep", "bench", "params", "convert", "launch", "tpu")
+COMMANDS = ("prepare", "train", "eval", "sample", "sweep", "bench", "params", "convert", "launch", "tpu")
 
 USAGE = """usage: jaxlm <command> [flags]
 
 commands:
+  prepare tokenize a config's data.sources into its token store, with progress (train does it
+          too when the store is missing):  jaxlm prepare --config configs/fineweb_like.py
   train   train a model, or resume it:
             jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
   eval    evaluate a checkpoint:  jaxlm eval --workdir runs/sc [--step N|best]

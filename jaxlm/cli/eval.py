@@ -27,6 +27,10 @@ def main(argv: list[str]) -> None:
   from jaxlm import runs
   result = runs.evaluate_run(_WORKDIR.value, step=common.parse_step(_STEP.value),
                              eval_steps=_EVAL_STEPS.value)
+  per_source = "".join(f" | {k[4:-5]} loss {v:.4f}, bpb {result[k[:-4] + 'bpb']:.4f}"
+                       for k, v in result.items()
+                       if k.count("/") == 2 and k.endswith("/loss") and k[:-4] + "bpb" in result)
+  bpb = f" | val bits/byte {result['val/bpb']:.4f}" if "val/bpb" in result else ""
   print(f"step {result['step']} | val loss {result['val/loss']:.4f} | val perplexity "
-        f"{result['val/perplexity']:.3f} | val bits/token {result['val/bits_per_token']:.4f} | "
-        f"{result['tokens']:,} tokens")
+        f"{result['val/perplexity']:.3f} | val bits/token {result['val/bits_per_token']:.4f}"
+        f"{bpb} | {result['tokens']:,} tokens{per_source}")
