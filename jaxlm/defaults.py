@@ -10,6 +10,14 @@ import ml_collections
 from ml_collections import config_dict
 
 
+def source(path: str = "", *, weight: float = 1.0, val_path: str = "", kind: str = "auto",
+           text_field: str = "text") -> ml_collections.ConfigDict:
+  """One entry of data.sources, every key present so that --config.data.sources.NAME.KEY=V
+  can override any of them (see jaxlm/corpus/spec.py for what they mean)."""
+  return ml_collections.ConfigDict(dict(path=path, weight=weight, val_path=val_path, kind=kind,
+                                        text_field=text_field))
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds parameter init, the data order and dropout (each via its own stream).
@@ -44,7 +52,8 @@ def base_config() -> ml_collections.ConfigDict:
   # token. Replaces data.path. A source is a ConfigDict of path (files, glob, directory, local
   # or gs://: text, .gz/.xz/.zst, JSONL, Parquet, a saved HF dataset), weight (default 1; 0 =
   # evaluated only), val_path ("" = hold out val_fraction of path's documents), kind (auto)
-  # and text_field ("text"). Keys, errors and examples: jaxlm/corpus/spec.py.
+  # and text_field ("text"); make one with defaults.source(path, weight=...). Keys, errors and
+  # examples: jaxlm/corpus/spec.py.
   c.data.sources = ml_collections.ConfigDict()
   c.data.store = ""  # The token store directory (or gs:// one, prepared); "" = in cache_dir.
   c.data.rows = "windows"  # Rows start anywhere (windows) or at a document start (documents).

@@ -18,6 +18,7 @@ SMOKE = os.path.join(CONFIGS, "smoke.py")
 # was split into one module per command).
 OWN = {
     "train": ["config", "workdir"],
+    "prepare": ["config", "rebuild"],
     "eval": ["workdir", "step", "eval_steps"],
     "sample": ["workdir", "step", "prompt", "prompt_file", "max_new_tokens", "temperature",
                "top_k", "top_p", "num_samples", "seed"],
@@ -179,6 +180,7 @@ def test_config_overrides_need_a_config():
 # A cheap call per command that parses its flags and fails in its main, before any jax.
 REACHES_MAIN = {
     "train": ([], "--config is required"),
+    "prepare": ([], "--config is required"),
     "eval": ([], "--workdir is required"),
     "sample": (["--num_samples=0", "--workdir=w"], "--num_samples must be >= 1"),
     "sweep": (["--summarize"], "--workdir is required"),

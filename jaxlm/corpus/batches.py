@@ -109,27 +109,34 @@ class StoreData:
 
   # -- rows ------------------------------------------------------------------------------------
 
+  def draw(self, split: Split, weights: np.ndarray, key: list[int],
+           batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(source, first token) of every row of the global batch drawn from generator `key`."""
+    rng = np.random.default_rng(key)
+    n = len(weights)
+    source_B = (rng.choice(n, size=batch_size, p=weights) if n > 1
+                else np.zeros(batch_size, np.int64))
+    u_B = rng.random(batch_size)
+    if self.spec.rows == "windows":  # Any start with a whole row before the source ends.
+      span = split.hi - split.lo - self.block_size
+      return source_B, split.lo[source_B] + (u_B * span[source_B]).astype(np.int64)
+    col = 0 if split is self.train else 1
+    counts = np.array([c[col] for c in self._doc_candidates], dtype=np.int64)
+    pick = (u_B * counts[source_B]).astype(np.int64)
+    return source_B, np.array([split.doc_starts[s][p] for s, p in zip(source_B, pick,
+                                                                        strict=True)],
+                              dtype=np.int64).reshape(batch_size)
+
   def rows(self, split: Split, weights: np.ndarray, key: list[int], batch_size: int, *,
            process_index: int = 0, process_count: int = 1) -> Batch:
     """This process' rows of the global batch drawn from generator `key`."""
     if batch_size % process_count:
       raise JaxlmError(f"train.batch_size={batch_size} is not divisible by the "
                        f"{process_count} processes")
-    rng = np.random.default_rng(key)
-    n = len(weights)
-    source_B = (rng.choice(n, size=batch_size, p=weights) if n > 1
-                else np.zeros(batch_size, np.int64))
-    u_B = rng.random(batch_size)
+    _, start_B = self.draw(split, weights, key, batch_size)
     per_host = batch_size // process_count
-    mine = slice(process_index * per_host, (process_index + 1) * per_host)
+    starts = start_B[process_index * per_host:(process_index + 1) * per_host]
     L = self.block_size
-    col = 0 if split is self.train else 1
-    starts = np.empty(per_host, np.int64)
-    for r, (s, u) in enumerate(zip(source_B[mine], u_B[mine], strict=True)):
-      if self.spec.rows == "windows":
-        starts[r] = split.lo[s] + int(u * (split.tokens(s) - L))
-      else:
-        starts[r] = split.doc_starts[s][int(u * self._doc_candidates[s][col])]
     window_bxL = np.stack([split.store.tokens(int(a), int(a) + L + 1) for a in starts])
     window_bxL = window_bxL.astype(np.int32)
     return {"inputs": window_bxL[:, :-1], "targets": window_bxL[:, 1:]}

@@ -60,17 +60,20 @@ def open_or_prepare(spec: spec_lib.DataSpec, *, rebuild: bool = False,
     return _open_remote(directory, key, spec.cache_dir)
   meta_path = os.path.join(directory, PREPARE_JSON)
   meta = store_lib.load_json(meta_path) if os.path.exists(meta_path) else None
+  complete = all(os.path.exists(os.path.join(directory, s, store_lib.MANIFEST)) for s in SPLITS)
   if meta is not None and meta.get("key") != key:
     why = _key_difference(meta.get("key") or {}, key)
+    if not complete:  # Nothing finished to lose: an interrupted write of another config.
+      rebuild = True
     if not rebuild:
       raise JaxlmError(f"token store {directory} was prepared from {why}: refusing to "
                        "overwrite it; run `jaxlm prepare --rebuild` with this config to "
                        "rebuild it, or set data.store to another directory")
-    log(f"prepare: rebuilding {directory}: it was prepared from {why}")
+    log(f"prepare: rebuilding {directory}: it was {'' if complete else 'partly '}prepared "
+        f"from {why}")
     _remove_store(directory)
     meta = None
-  if meta is not None and all(os.path.exists(os.path.join(directory, s, store_lib.MANIFEST))
-                              for s in SPLITS):
+  if meta is not None and complete:
     return _open(directory, meta)
   if os.path.isdir(directory) and meta is None and os.listdir(directory):
     raise JaxlmError(f"data.store={directory} is not empty and is not a token store made by "
@@ -133,6 +136,8 @@ def _remove_store(directory: str) -> None:
       for name in os.listdir(sub):
         if store_lib.is_store_file(name):
           os.remove(os.path.join(sub, name))
+      if not os.listdir(sub):
+        os.rmdir(sub)
   os.remove(os.path.join(directory, PREPARE_JSON))
 
 

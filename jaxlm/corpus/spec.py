@@ -1,8 +1,11 @@
 """What `data.sources` asks for, checked before anything is read: sources, weights, the store.
 
-    c.data.sources.web = ml_collections.ConfigDict(dict(path="~/fw/*.jsonl.zst", weight=0.7))
-    c.data.sources.code = ml_collections.ConfigDict(dict(path="~/code/*.parquet", weight=0.3,
-                                                         val_path="~/code-val/*.parquet"))
+    c.data.sources.web = defaults.source("~/fw/*.jsonl.zst", weight=0.7)
+    c.data.sources.code = defaults.source("~/code/*.parquet", weight=0.3,
+                                          val_path="~/code-val/*.parquet")
+
+(defaults.source fills in every key, so each can be overridden on the command line:
+--config.data.sources.code.weight=0.5.) Sources are taken in the order of their names.
 
 A source's keys (all but `path` optional):
   path        documents to train on: a file, directory or glob, local or gs:// (sources.py)
