@@ -11,6 +11,48 @@ from jaxlm import config as config_lib
 from jaxlm import model as model_lib
 
 NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, "*.py")))
+# The example configs of real corpora read their data directory from these variables.
+DATA_DIRS = ("FINEWEB_DIR", "OWT_DIR", "EVAL_DIR")
+
+
+@pytest.fixture(scope="module")
+def corpus_dirs(tmp_path_factory):
+  """Small stand-ins of FineWeb (Parquet + tokenizer.json), OpenWebText (JSONL.zst train and
+  val shards) and an evaluation corpus, in the layout the example configs expect."""
+  import json
+
+  import numpy as np
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+  import zstandard
+
+  from jaxlm import tokenizers
+  root = tmp_path_factory.mktemp("corpora")
+  rng = np.random.default_rng(0)
+  words = "the of and to in is that for it as was with be by on not he this are or".split()
+
+  def docs(n):
+    return [" ".join(rng.choice(words, size=int(rng.integers(50, 400)))) for _ in range(n)]
+  dirs = {k: root / k.lower() for k in DATA_DIRS}
+  for d in dirs.values():
+    d.mkdir()
+  for i in range(2):
+    pq.write_table(pa.table({"id": list(range(300)), "text": docs(300)}),
+                   dirs["FINEWEB_DIR"] / f"part-{i:05d}.parquet")
+  tok = tokenizers.BpeTokenizer.train(docs(50), 400, eot=True)
+  tok.hf.save(str(dirs["FINEWEB_DIR"] / "tokenizer.json"))
+  for name, n in (("train-00000", 300), ("train-00001", 300), ("val-00000", 40)):
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in docs(n)).encode()
+    (dirs["OWT_DIR"] / f"{name}.jsonl.zst").write_bytes(zstandard.compress(lines))
+  (dirs["EVAL_DIR"] / "wiki.jsonl").write_text(
+      "".join(json.dumps({"text": t}) + "\n" for t in docs(40)))
+  return {k: str(v) for k, v in dirs.items()}
+
+
+@pytest.fixture(autouse=True)
+def _data_dirs(corpus_dirs, monkeypatch):
+  for k, v in corpus_dirs.items():
+    monkeypatch.setenv(k, v)
 
 
 def test_there_are_configs():
@@ -35,6 +77,26 @@ def test_config_docstring_gives_the_command(name):
     source = f.read()
   assert f"jaxlm train --config configs/{name}.py" in source
   assert "Expected" in source
+
+
+@pytest.mark.parametrize("name, sources", [("fineweb_like", ["fineweb"]),
+                                           ("openwebtext_like", ["owt", "wiki"])])
+def test_real_corpus_examples_prepare_their_sources(name, sources, tmp_path):
+  cfg = load_config(name)
+  cfg.data.vocab_size = 400  # Small stand-in corpora: a small BPE, quickly.
+  cfg.data.cache_dir = str(tmp_path)
+  if name == "fineweb_like":
+    cfg.data.val_fraction = 0.05  # 30 of the 600 stand-in documents.
+  config_lib.validate_config(cfg)
+  data = config_lib.load_dataset(cfg, log=lambda _: None)
+  assert data.names == sorted(sources)
+  assert data.tokenizer.eot_id is not None
+  batch = data.train_batch(seed=0, step=0, batch_size=2, block_size=cfg.model.block_size)
+  assert batch["inputs"].shape == (2, cfg.model.block_size)
+  assert set(data.eval_sets()) >= {"train", "val"} | {f"val/{s}" for s in sources[1:]}
+  if name == "openwebtext_like":  # wiki is evaluated only: no training row comes from it.
+    src, _ = data.draw(data.train, data.weights, [0, 0, 0], 256)
+    assert (src == data.names.index("owt")).all()
 
 
 def test_default_experiment_is_the_nanogpt_cpu_recipe():

@@ -113,6 +113,9 @@ def from_config(cfg: ml_collections.ConfigDict) -> DataSpec:
   if not any(s.weight > 0 for s in specs):
     raise JaxlmError("every data.sources weight is 0: give at least one source a positive "
                      "weight (weight 0 means evaluated only)")
+  if d.tokenizer not in tokenizers.KINDS and not tokenizers.is_tokenizer_path(d.tokenizer):
+    raise JaxlmError(f"unknown data.tokenizer={d.tokenizer!r}: expected one of "
+                     f"{', '.join(tokenizers.KINDS)} or the path of a tokenizer.json")
   rows = d.get("rows", "windows")
   if rows not in ROWS:
     raise JaxlmError(f"unknown data.rows={rows!r}: expected {' or '.join(ROWS)}")
