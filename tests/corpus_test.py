@@ -24,6 +24,7 @@ from jaxlm.corpus import prepare as prepare_lib
 from jaxlm.corpus import spec as spec_lib
 from jaxlm.errors import JaxlmError
 
+SMOKE = os.path.join(REPO, "configs", "smoke.py")
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi "
          "rho sigma tau upsilon phi chi psi omega").split()
 
@@ -409,3 +410,70 @@ def test_prepare_cli_progress_and_errors(tmp_path):
   assert_one_line_error(bad, "data.sources.web.weight=-2.0 is negative")
   none = run_jaxlm("prepare", f"--config={os.path.join(REPO, 'configs', 'smoke.py')}")
   assert_one_line_error(none, "jaxlm prepare reads data.sources")
+
+
+def write_cli_config(tmp_path, store, cache_dir=""):
+  """A config file for `jaxlm` commands: two_source_config's sources, the given store."""
+  path = tmp_path / "cli_config.py"
+  path.write_text(
+      "import importlib.util\n"
+      "from jaxlm import defaults\n"
+      # Not conftest's load_config: importing conftest would set XLA_FLAGS in the children.
+      f"spec = importlib.util.spec_from_file_location('smoke', {SMOKE!r})\n"
+      "smoke = importlib.util.module_from_spec(spec)\n"
+      "spec.loader.exec_module(smoke)\n"
+      "def get_config():\n"
+      "  c = smoke.get_config()\n"
+      f"  c.data.sources.web = defaults.source({str(tmp_path / 'web.jsonl')!r}, weight=3.0)\n"
+      f"  c.data.sources.code = defaults.source({str(tmp_path / 'code.jsonl')!r})\n"
+      f"  c.data.tokenizer, c.data.rows, c.data.store = 'byte', 'documents', {store!r}\n"
+      f"  c.data.cache_dir = {cache_dir!r}\n"
+      "  c.model.block_size = 32\n"
+      "  c.train.steps, c.train.eval_every, c.train.eval_steps = 6, 3, 2\n"
+      "  return c\n")
+  return str(path)
+
+
+@pytest.mark.slow
+def test_two_hosts_train_from_a_store_on_gcs_like_one_from_a_local_store(tmp_path):
+  from jaxlm import workdir as workdir_lib
+  cfg = two_source_config(tmp_path)
+  load(cfg)  # Prepared locally, then copied up.
+
+  def losses(workdir):
+    records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    return {(r["step"], k): v for r in records for k, v in r.items()
+            if k in ("train/loss", "val/loss", "val/web/bpb", "val/code/loss")}
+
+  one = tmp_path / "one"
+  proc = run_jaxlm("launch", "--num_processes=1", "--devices_per_process=4", "--timeout=300",
+                   "--", "train", "--config", write_cli_config(tmp_path, cfg.data.store),
+                   "--workdir", str(one), timeout=400)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  with pytest.MonkeyPatch.context() as mp:
+    server, _ = start_gcs_emulator(mp, "jaxlm-hosts-test")  # Children inherit its address.
+    try:
+      for rel in files_of(tmp_path / "store"):
+        workdir_lib.write_bytes(f"gs://jaxlm-hosts-test/s/{rel}",
+                                (tmp_path / "store" / rel).read_bytes())
+      two = tmp_path / "two"
+      config = write_cli_config(tmp_path, "gs://jaxlm-hosts-test/s", str(tmp_path / "cache"))
+      proc = run_jaxlm("launch", "--num_processes=2", "--devices_per_process=2",
+                       "--timeout=300", "--", "train", "--config", config, "--workdir",
+                       str(two), timeout=400)
+      assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+      server.stop()
+  a, b = losses(one), losses(two)
+  assert sorted(a) == sorted(b) and any(k[1] == "val/web/bpb" for k in a)
+  np.testing.assert_allclose([b[k] for k in sorted(b)], [a[k] for k in sorted(a)], rtol=1e-5)
+
+
+def test_an_unreadable_file_names_itself_and_leaves_the_store_unfinished(tmp_path):
+  cfg = two_source_config(tmp_path)
+  (tmp_path / "web.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 not really gzip")
+  cfg.data.sources.web.path = str(tmp_path / "web.jsonl.gz")
+  with pytest.raises(JaxlmError) as e:
+    load(cfg)
+  one_line(e, "cannot read", "web.jsonl.gz")
+  assert not (tmp_path / "store" / "train" / "manifest.json").exists()

@@ -18,6 +18,7 @@ shards and the producer skips the documents they hold (store_writer.py).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -58,6 +59,21 @@ def open_or_prepare(spec: spec_lib.DataSpec, *, rebuild: bool = False,
   directory = spec_lib.store_dir(spec, key)
   if workdir_lib.is_remote(directory):
     return _open_remote(directory, key, spec.cache_dir)
+  # One preparer per store: the processes of a run on one machine, or a sweep's parallel
+  # trials, wait here for the first, then find its store complete.
+  os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
+  with open(directory.rstrip("/") + ".lock", "a") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      log(f"prepare: waiting for another process preparing {directory}")
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    return _open_or_prepare_locked(spec, resolved, key, directory, rebuild, log, batch_bytes,
+                                   shard_tokens)
+
+
+def _open_or_prepare_locked(spec, resolved, key, directory, rebuild, log, batch_bytes,
+                            shard_tokens) -> Prepared:
   meta_path = os.path.join(directory, PREPARE_JSON)
   meta = store_lib.load_json(meta_path) if os.path.exists(meta_path) else None
   complete = all(os.path.exists(os.path.join(directory, s, store_lib.MANIFEST)) for s in SPLITS)

@@ -10,6 +10,7 @@ import gzip
 import importlib
 import io
 import lzma
+import zlib
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -54,7 +55,7 @@ def open_bytes(path: str) -> Iterator[IO[bytes]]:
         zstandard = require("zstandard", f"{path} is zstd-compressed")
         raw = stack.enter_context(io.BufferedReader(_ZstdReader(raw, zstandard), 1 << 16))
       yield raw
-  except (OSError, EOFError, lzma.LZMAError) as e:  # gzip raises OSError, zstd is made one.
+  except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:  # zstd errors are made OSError.
     if isinstance(e, OSError) and e.errno is not None:
       raise JaxlmError(f"cannot read {path}: {e.strerror}") from None
     what = f"{suffix[1:]} stream" if suffix else "file"
