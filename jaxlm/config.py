@@ -112,7 +112,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if tok not in tokenizers.KINDS and not tokenizers.is_tokenizer_path(tok):
     raise JaxlmError(f"unknown data.tokenizer={tok!r}: expected one of "
                      f"{', '.join(tokenizers.KINDS)} or the path of a tokenizer.json")
-  if tokenizers.is_tokenizer_path(tok) and not workdir_lib.path(tok).is_file():
+  # (With data.sources only `prepare` needs the file: a prepared store holds its tokenizer.)
+  if (tokenizers.is_tokenizer_path(tok) and not corpus_spec.uses_sources(cfg)
+      and not workdir_lib.path(tok).is_file()):
     raise JaxlmError(f"tokenizer file not found: data.tokenizer={tok!r}")
   if tok == "bpe" and cfg.data.vocab_size < tokenizers.MIN_BPE_VOCAB:
     raise JaxlmError(f"data.vocab_size={cfg.data.vocab_size} is too small for byte-level BPE: "

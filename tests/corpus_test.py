@@ -280,6 +280,14 @@ def test_a_store_on_gcs_reads_the_same_rows(tmp_path):
                   process_count=2)
         np.testing.assert_array_equal(remote.train_batch(**kw)["inputs"],
                                       local.train_batch(**kw)["inputs"])
+      # On a host without the sources (a pod slice's), the complete store is used as it is.
+      os.rename(tmp_path / "web.jsonl", tmp_path / "web.moved")
+      logged = []
+      away = config_lib.load_dataset(cfg, log=logged.append)
+      assert any("using the prepared store" in m for m in logged), logged
+      np.testing.assert_array_equal(away.train_batch(**kw)["inputs"],
+                                    local.train_batch(**kw)["inputs"])
+      os.rename(tmp_path / "web.moved", tmp_path / "web.jsonl")
       # A store on gs:// prepared from other sources is refused, not silently used.
       write_jsonl(tmp_path / "code.jsonl", 10, 7)
       with pytest.raises(JaxlmError) as e:

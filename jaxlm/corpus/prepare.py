@@ -53,12 +53,25 @@ class Prepared:
 def open_or_prepare(spec: spec_lib.DataSpec, *, rebuild: bool = False,
                     log: Callable[[str], None] = print, batch_bytes: int = 8 << 20,
                     shard_tokens: int = 1 << 26) -> Prepared:
-  """The prepared stores of `spec`, preparing (or finishing) them first when needed."""
-  resolved = spec_lib.resolve(spec)
-  key = spec_lib.store_key(spec, resolved)
-  directory = spec_lib.store_dir(spec, key)
+  """The prepared stores of `spec`, preparing (or finishing) them first when needed.
+
+  A complete store named by data.store is used as it is when its sources (or tokenizer file)
+  are not on this machine, as on the hosts of a pod slice reading a store prepared elsewhere;
+  where they are, a store prepared from other ones is refused.
+  """
+  try:
+    resolved = spec_lib.resolve(spec)
+    key = spec_lib.store_key(spec, resolved)
+  except JaxlmError as e:
+    if not (spec.store and _is_complete(spec_lib.store_dir(spec, {}))):
+      raise
+    log(f"prepare: {e}; using the prepared store {spec.store} as it is, unchecked")
+    resolved, key = None, None
+  directory = spec_lib.store_dir(spec, key or {})
   if workdir_lib.is_remote(directory):
     return _open_remote(directory, key, spec.cache_dir)
+  if key is None:
+    return _open(directory, store_lib.load_json(os.path.join(directory, PREPARE_JSON)))
   # One preparer per store: the processes of a run on one machine, or a sweep's parallel
   # trials, wait here for the first, then find its store complete.
   os.makedirs(os.path.dirname(directory) or ".", exist_ok=True)
@@ -109,18 +122,24 @@ def _open_or_prepare_locked(spec, resolved, key, directory, rebuild, log, batch_
   return _open(directory, meta)
 
 
+def _is_complete(directory: str) -> bool:
+  root = workdir_lib.path(directory)
+  return (root / PREPARE_JSON).exists() and all(
+      (root / s / store_lib.MANIFEST).exists() for s in SPLITS)
+
+
 def _open(directory: str, meta: dict) -> Prepared:
   train, val = (store_lib.Store.open(os.path.join(directory, s)) for s in SPLITS)
   return Prepared(directory, tokenizers.from_json(meta["tokenizer"]), train, val)
 
 
-def _open_remote(directory: str, key: dict, cache_dir: str) -> Prepared:
+def _open_remote(directory: str, key: dict | None, cache_dir: str) -> Prepared:
   try:
     meta = json.loads(workdir_lib.read_text(f"{directory}/{PREPARE_JSON}"))
   except (OSError, ValueError):
     raise JaxlmError(f"no prepared token store at {directory}: prepare it on a local disk "
                      "(jaxlm prepare with data.store there), then copy the directory up") from None
-  if meta.get("key") != key:
+  if key is not None and meta.get("key") != key:
     raise JaxlmError(f"token store {directory} was prepared from "
                      f"{_key_difference(meta.get('key') or {}, key)}: prepare it again and "
                      "copy it up")
