@@ -293,8 +293,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   final = {}
   if cfg.train.eval_every and step == 0:
-    final = run_eval(training, state.params, eval_batches, dataset.aliases(), step,
-                         writer)
+    final = run_eval(training, state.params, eval_batches, dataset.aliases(), step, writer)
     samples.write(step, state.params)
   stop = StopRequest()
   last_saved, stopped_early = latest, False
