@@ -19,6 +19,8 @@ from jaxlm import workdir as workdir_lib
 from jaxlm.corpus import batches as batches_lib
 from jaxlm.corpus import spec as corpus_spec
 from jaxlm.errors import JaxlmError
+from jaxlm.tasks import scorer as scorer_lib
+from jaxlm.tasks import task as task_lib
 
 # What model.family fills in for each architecture key left at its "" / None / 0 default.
 FAMILY_PRESETS = {
@@ -119,6 +121,11 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if tok == "bpe" and cfg.data.vocab_size < tokenizers.MIN_BPE_VOCAB:
     raise JaxlmError(f"data.vocab_size={cfg.data.vocab_size} is too small for byte-level BPE: "
                      f"it needs at least {tokenizers.MIN_BPE_VOCAB} (256 bytes + merges)")
+  if t.get("eval_tasks_truncation", "left") not in scorer_lib.TRUNCATIONS:
+    raise JaxlmError(f"unknown train.eval_tasks_truncation={t.eval_tasks_truncation!r}: "
+                     f"expected {' or '.join(scorer_lib.TRUNCATIONS)}")
+  for name in task_lib.parse_list(t.get("eval_tasks", "")):
+    task_lib.load(name)  # Unknown names, missing fields, labels out of range: one line each.
   if cfg.optim.name not in optim.OPTIMIZERS:
     raise JaxlmError(f"unknown optim.name={cfg.optim.name!r}: expected one of "
                      f"{', '.join(optim.OPTIMIZERS)}")

@@ -109,6 +109,14 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_accum = 1  # Microbatches per step (batch_size must divide by it).
   c.train.eval_every = 2000  # Steps between evaluations (and at the end).
   c.train.eval_steps = 20  # Batches per evaluation, fixed across evaluations.
+  # Downstream tasks scored at every evaluation (tasks/<name>/acc, ..., and tasks/core, the
+  # chance-centred mean accuracy, with two or more): comma-separated names of shipped tasks
+  # (shakespeare_next_line, shakespeare_last_word, shakespeare_complete_word) or task files
+  # (.yaml/.json; the format is in jaxlm/tasks/task.py); "" = none.
+  c.train.eval_tasks = ""
+  # A task example longer than model.block_size: "left" keeps its last block_size tokens (as
+  # lm-eval does), "error" refuses it, naming the example.
+  c.train.eval_tasks_truncation = "left"
   c.train.log_every = 10  # Steps between log lines; metrics leave the device only then.
   # Train steps per jitted call (a lax.scan over batches): the same math with less dispatch
   # overhead, which matters for small models. Calls never cross a log/eval/checkpoint step.

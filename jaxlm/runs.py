@@ -17,6 +17,8 @@ from jaxlm import evaluate, sharding, tokenizers
 from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
+from jaxlm.tasks import suite as suite_lib
+from jaxlm.tasks import task as task_lib
 
 PyTree = Any
 
@@ -86,19 +88,40 @@ def load_run(workdir: str, step: int | str | None = None, *,
   return Run(cfg=cfg, tokenizer=tok, mcfg=mcfg, model=model, params=params, step=resolved)
 
 
-def evaluate_run(workdir: str, step: int | str | None = None,
-                 eval_steps: int | None = None) -> dict[str, Any]:
-  """Validation loss, perplexity and bits per token of a saved checkpoint."""
+def evaluate_run(workdir: str, step: int | str | None = None, eval_steps: int | None = None,
+                 tasks: list[str] | None = None, val: bool = True,
+                 truncation: str = "") -> dict[str, Any]:
+  """Validation loss, perplexity and bits per token (and per byte) of a saved checkpoint, and
+  the metrics of `tasks` (names or task files) under it; written to eval/<step>.json."""
   if eval_steps is not None and eval_steps < 1:
     raise JaxlmError(f"--eval_steps must be >= 1, got {eval_steps}")
+  if not val and not tasks:
+    raise JaxlmError("nothing to evaluate: --noval and no --tasks")
+  for name in tasks or ():
+    task_lib.load(name)  # Before the checkpoint is read: a bad task is one line, at once.
   run = load_run(workdir, step)
+  out: dict[str, Any] = {"step": run.step}
+  if val:
+    out.update(_validation(run, eval_steps))
+  if tasks:
+    if run.tokenizer is None:
+      raise JaxlmError(f"the run in {workdir} has no tokenizer.json: tasks need one")
+    suite = suite_lib.Suite(tasks, run.model, run.tokenizer, truncation=truncation or
+                            run.cfg.train.get("eval_tasks_truncation", "left"))
+    out["tasks"] = suite.evaluate(run.params)
+    out.update(suite_lib.flatten(out["tasks"]))
+  workdir_lib.write_text(workdir_lib.path(workdir) / "eval" / f"{run.step}.json",
+                         json.dumps(out, indent=2, sort_keys=True))
+  return out
+
+
+def _validation(run: Run, eval_steps: int | None) -> dict[str, Any]:
   cfg = run.cfg
   dataset = config_lib.load_dataset(cfg)
   n = eval_steps or cfg.train.eval_steps
   eval_fn = jax.jit(functools.partial(evaluate.eval_steps, model=run.model))
   table = dataset.tokenizer.token_bytes() if run.tokenizer else None
-  out: dict[str, Any] = {"step": run.step,
-                         "tokens": n * cfg.train.batch_size * cfg.model.block_size}
+  out: dict[str, Any] = {"tokens": n * cfg.train.batch_size * cfg.model.block_size}
   # The same fixed batches as the evaluations during training, so the numbers compare.
   for name, fn in dataset.eval_sets().items():
     if not name.startswith("val"):

@@ -30,6 +30,7 @@ from jaxlm.corpus import batches as batches_lib
 from jaxlm.errors import JaxlmError
 from jaxlm.host import allocator
 from jaxlm.preemption import StopRequest
+from jaxlm.tasks import suite as suite_lib
 from jaxlm.step import TrainState
 
 SAMPLE_RNG_STREAM = 3  # samples.txt at step s uses fold_in(fold_in(key(seed), 3), s).
@@ -126,13 +127,19 @@ def next_boundary(step: int, cfg: ml_collections.ConfigDict) -> int:
 
 def run_eval(training: build_lib.ShardedTraining, params: Any,
              eval_batches: dict[str, tuple[dict[str, jax.Array], int]], aliases: dict[str, str],
-             step: int, writer: metrics.MetricsWriter) -> dict[str, float]:
-  """Loss, perplexity, bits per token and per byte on each set's fixed batches; logged."""
+             step: int, writer: metrics.MetricsWriter,
+             suite: suite_lib.Suite | None = None) -> dict[str, float]:
+  """Loss, perplexity, bits per token and per byte on each set's fixed batches, and the
+  downstream tasks' metrics; logged and written."""
   results = {f"{name}/{k}": v for name, (batches, n_bytes) in eval_batches.items()
              for k, v in evaluate.evaluate(training.eval, params, batches, n_bytes).items()}
   for alias, name in aliases.items():
     results.update({f"{alias}/{k[len(name) + 1:]}": v for k, v in list(results.items())
                     if k.startswith(name + "/") and k.count("/") == name.count("/") + 1})
+  if suite is not None:
+    task_results = suite.evaluate(params)
+    results.update(suite_lib.flatten(task_results))
+    logging.info("tasks step %d | %s", step, suite_lib.summary(task_results))
   writer.write(step, {("eval_" + k if k.startswith("train/") else k): v
                       for k, v in results.items()})
   per_source = "".join(f" | {k[4:-5]} {v:.4f}" for k, v in results.items()
@@ -141,6 +148,16 @@ def run_eval(training: build_lib.ShardedTraining, params: Any,
                "val bits/byte %.4f%s", step, results["train/loss"], results["val/loss"],
                results["val/perplexity"], results["val/bpb"], per_source)
   return results
+
+
+def make_suite(cfg: ml_collections.ConfigDict, setup: build_lib.Setup,
+               tokenizer: tokenizers.Tokenizer) -> suite_lib.Suite | None:
+  """The train.eval_tasks, checked against the tokenizer and block size (before compiling)."""
+  names = suite_lib.task_lib.parse_list(cfg.train.get("eval_tasks", ""))
+  if not names:
+    return None
+  return suite_lib.Suite(names, setup.model, tokenizer, mesh=setup.mesh,
+                         truncation=cfg.train.get("eval_tasks_truncation", "left"))
 
 
 class SampleLog:
@@ -266,6 +283,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   batches = Batches(dataset, cfg.seed, cfg.train.batch_size, setup.mcfg.block_size,
                     training.batch_sharding)
   samples = SampleLog(cfg, setup.model, dataset.tokenizer, root / "samples.txt")
+  suite = make_suite(cfg, setup, dataset.tokenizer)
 
   # --- Restore or init; nothing in the workdir changes before the run is known to be resumable.
   resolved = config_lib.resolved_dict(cfg, setup.mcfg)
@@ -293,7 +311,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   final = {}
   if cfg.train.eval_every and step == 0:
-    final = run_eval(training, state.params, eval_batches, dataset.aliases(), step, writer)
+    final = run_eval(training, state.params, eval_batches, dataset.aliases(), step, writer,
+                     suite)
     samples.write(step, state.params)
   stop = StopRequest()
   last_saved, stopped_early = latest, False
@@ -312,7 +331,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       evaluated = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or done)
       if evaluated:
         final = run_eval(training, state.params, eval_batches, dataset.aliases(), step,
-                         writer)
+                         writer, suite)
         samples.write(step, state.params)
       every = cfg.checkpoint.every
       if done or stopping or (every and step % every == 0):

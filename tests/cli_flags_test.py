@@ -19,7 +19,7 @@ SMOKE = os.path.join(CONFIGS, "smoke.py")
 OWN = {
     "train": ["config", "workdir"],
     "prepare": ["config", "rebuild"],
-    "eval": ["workdir", "step", "eval_steps"],
+    "eval": ["workdir", "step", "eval_steps", "tasks", "val", "truncation"],
     "sample": ["workdir", "step", "prompt", "prompt_file", "max_new_tokens", "temperature",
                "top_k", "top_p", "num_samples", "seed"],
     "sweep": ["config", "workdir", "parallel", "summarize", "worker", "storage", "n_trials"],

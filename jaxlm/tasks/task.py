@@ -174,9 +174,23 @@ def contexts(task: Task) -> list[str]:
   return out
 
 
-def evaluate(task: Task, scorer: scorer_lib.Scorer) -> dict[str, float]:
-  """The task's metrics (see the module docstring) under `scorer`'s model."""
-  tok = scorer.tokenizer
+def requests(task: Task, tokenizer: Any) -> tuple[list[tuple[np.ndarray, np.ndarray]],
+                                                 list[str]]:
+  """The encoded (context, continuation) pairs of a multiple_choice or cloze task, in order
+  (each example's choices together), and the example each comes from (for messages)."""
+  out, names = [], []
+  for ex, ctx in zip(task.examples, contexts(task), strict=True):
+    conts = ex[task.choices_field] if task.type == "multiple_choice" else [ex[task.target_field]]
+    for c in conts:
+      out.append(scorer_lib.encode_pair(tokenizer, ctx, task.target_delimiter + c))
+      names.append(ex["_where"])
+  return out, names
+
+
+def evaluate(task: Task, scorer: scorer_lib.Scorer,
+             encoded: tuple[list, list[str]] | None = None) -> dict[str, float]:
+  """The task's metrics (see the module docstring) under `scorer`'s model; `encoded` is
+  `requests(task, ...)` when the caller has it already."""
   if task.type == "rolling":
     texts = [ex[task.text_field] for ex in task.examples]
     scores = scorer.loglikelihood_rolling(texts)
@@ -185,15 +199,8 @@ def evaluate(task: Task, scorer: scorer_lib.Scorer) -> dict[str, float]:
     words = sum(len(t.split()) for t in texts)
     return {"logprob": nats / len(texts), "bpb": -nats / math.log(2) / max(n_bytes, 1),
             "word_perplexity": math.exp(min(-nats / max(words, 1), 700.0)), "chance": 0.0}
-  ctxs = contexts(task)
-  requests, names, owner = [], [], []
-  for i, (ex, ctx) in enumerate(zip(task.examples, ctxs, strict=True)):
-    conts = ex[task.choices_field] if task.type == "multiple_choice" else [ex[task.target_field]]
-    for c in conts:
-      requests.append(scorer_lib.encode_pair(tok, ctx, task.target_delimiter + c))
-      names.append(ex["_where"])
-      owner.append(i)
-  scores = scorer.loglikelihood(requests, names)
+  pairs, names = encoded or requests(task, scorer.tokenizer)
+  scores = scorer.loglikelihood(pairs, names)
   if task.type == "cloze":
     return {"acc": float(np.mean([s.greedy for s in scores])),
             "logprob": float(np.mean([s.logprob for s in scores])), "chance": 0.0}
