@@ -14,7 +14,7 @@ from absl import logging
 
 from jaxlm import data as data_lib
 from jaxlm import model as model_lib
-from jaxlm import optim, sharding, tokenizers
+from jaxlm import optim, sharding, tokenizers, wandb_sink
 from jaxlm import workdir as workdir_lib
 from jaxlm.corpus import batches as batches_lib
 from jaxlm.corpus import spec as corpus_spec
@@ -132,6 +132,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.optim.lr < 0 or cfg.optim.min_lr < 0 or cfg.optim.warmup_steps < 0:
     raise JaxlmError("optim.lr, optim.min_lr and optim.warmup_steps must be >= 0")
   sharding.get_rules(cfg.mesh.rules)
+  wandb_sink.check(cfg)  # A missing wandb is an error now, not after compiling.
 
 
 def load_dataset(cfg: ml_collections.ConfigDict, *, log=logging.info,

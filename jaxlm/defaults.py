@@ -138,6 +138,19 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint.every = 1000  # Steps between checkpoints (and at the end); 0 = only at the end.
   c.checkpoint.keep = 3  # Most recent checkpoints kept (plus the best by val loss).
 
+  c.metrics = ml_collections.ConfigDict()
+  # Weights & Biases, besides metrics.jsonl and TensorBoard (needs jaxlm[wandb]): the same
+  # records at the same steps, the resolved config, and a table per evaluation. The run's id
+  # is kept in the workdir's wandb_run.json, so resuming the workdir continues the W&B run.
+  c.metrics.wandb = False
+  c.metrics.wandb_project = "jaxlm"
+  c.metrics.wandb_entity = ""  # The W&B team or user; "" = your default entity.
+  c.metrics.wandb_name = ""  # The run's display name; "" = the workdir's basename.
+  c.metrics.wandb_group = ""  # Runs shown together; "" = none (a sweep's trials: the sweep).
+  # online | offline (written under WANDB_DIR, uploaded later by `wandb sync`) | disabled;
+  # "" = W&B's own choice (WANDB_MODE, `wandb offline`, else online).
+  c.metrics.wandb_mode = ""
+
   c.mesh = ml_collections.ConfigDict()
   # Device mesh (data, fsdp, tensor); one size may be -1 (= the remaining devices).
   c.mesh.data = -1

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import devices
+from jaxlm import devices, wandb_sink
 from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.host import xla
@@ -158,7 +158,8 @@ def format_duration(seconds: float) -> str:
 
 
 class MetricsWriter:
-  """Appends one JSON object per call to metrics.jsonl and mirrors scalars to TensorBoard.
+  """Appends one JSON object per call to metrics.jsonl and mirrors scalars to TensorBoard and,
+  given `wandb` settings, the whole record to Weights & Biases (jaxlm/wandb_sink.py).
 
   Only process 0 writes; on other processes every method is a no-op. In a local workdir each
   record is on disk as soon as it is written. In a gs:// workdir (no appends on GCS) the
@@ -167,10 +168,11 @@ class MetricsWriter:
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
-               flush_sec: float = REMOTE_FLUSH_SEC):
+               flush_sec: float = REMOTE_FLUSH_SEC, wandb: wandb_sink.Settings | None = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
+    self._wandb = None
     self._events = None
     self._flush_sec = flush_sec
     self._last_flush = time.monotonic()
@@ -182,6 +184,8 @@ class MetricsWriter:
       from tensorboardX import SummaryWriter  # Imported lazily: it is slow to import.
       self._events = workdir_lib.LocalMirror(root / "events")
       self._tb = SummaryWriter(self._events.local)
+    if wandb is not None:
+      self._wandb = wandb_sink.WandbSink(root, wandb)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
     if not self.enabled:
@@ -193,8 +197,16 @@ class MetricsWriter:
       for k, v in record.items():
         if k != "step" and isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, global_step=int(step))
+    if self._wandb is not None:
+      self._wandb.log(record)
     if self._jsonl.remote and time.monotonic() - self._last_flush >= self._flush_sec:
       self.flush()
+
+  def write_table(self, step: int, key: str, rows: list[dict[str, Any]]) -> None:
+    """A table of `rows` (dicts of column -> value) at `step`, for W&B only: metrics.jsonl
+    and TensorBoard hold the same values as the scalars of a `write`."""
+    if self._wandb is not None:
+      self._wandb.table(step, key, [{k: _to_python(v) for k, v in row.items()} for row in rows])
 
   def flush(self) -> None:
     """Makes every record written so far visible in the workdir (an upload on GCS)."""
@@ -209,15 +221,19 @@ class MetricsWriter:
   def __enter__(self) -> MetricsWriter:
     return self
 
-  def __exit__(self, *exc) -> None:
-    self.close()
+  def __exit__(self, exc_type, *exc) -> None:
+    self.close(failed=exc_type is not None)
 
-  def close(self) -> None:
+  def close(self, failed: bool = False) -> None:
+    """Closes every sink; `failed` marks the W&B run as failed (the run raised)."""
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
       self._events.close()
+    if self._wandb is not None:
+      self._wandb.close(failed)
+      self._wandb = None  # A W&B run finishes once; a second close is a no-op.
 
 
 def _to_python(v: Any) -> Any:

@@ -23,7 +23,7 @@ from jaxlm import build as build_lib
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
-from jaxlm import evaluate, metrics, runs, sample, sharding, tokenizers
+from jaxlm import evaluate, metrics, runs, sample, sharding, tokenizers, wandb_sink
 from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.corpus import batches as batches_lib
@@ -142,6 +142,7 @@ def run_eval(training: build_lib.ShardedTraining, params: Any,
     logging.info("tasks step %d | %s", step, suite_lib.summary(task_results))
   writer.write(step, {("eval_" + k if k.startswith("train/") else k): v
                       for k, v in results.items()})
+  writer.write_table(step, "eval/table", eval_table(results))
   per_source = "".join(f" | {k[4:-5]} {v:.4f}" for k, v in results.items()
                        if k.startswith("val/") and k.endswith("/loss") and k.count("/") == 2)
   logging.info("eval  step %d | train loss %.4f | val loss %.4f | val ppl %.2f | "
@@ -158,6 +159,16 @@ def make_suite(cfg: ml_collections.ConfigDict, setup: build_lib.Setup,
     return None
   return suite_lib.Suite(names, setup.model, tokenizer, mesh=setup.mesh,
                          truncation=cfg.train.get("eval_tasks_truncation", "left"))
+
+
+def eval_table(results: dict[str, float]) -> list[dict[str, Any]]:
+  """run_eval's results as rows: one per evaluation set (train, val, val/<source>, ...),
+  with a column per metric (loss, perplexity, bits_per_token, bpb)."""
+  rows: dict[str, dict[str, Any]] = {}
+  for key, value in results.items():
+    name, metric = key.rsplit("/", 1)
+    rows.setdefault(name, {"set": name})[metric] = value
+  return list(rows.values())
 
 
 class SampleLog:
@@ -306,7 +317,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                f" ({per_call} steps per call)" if per_call > 1 else "",
                time.perf_counter() - t0)
   eval_batches = batches.eval(cfg.train.eval_steps)
-  writer = metrics.MetricsWriter(workdir, enabled=is_main)
+  writer = metrics.MetricsWriter(workdir, enabled=is_main,
+                                 wandb=wandb_sink.settings(cfg, workdir, resolved))
   step_log = StepLog(cfg, setup, state.params, writer, step)
 
   final = {}
@@ -344,24 +356,24 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         break
     if last_saved != step:
       save(ckpt, state, step, ckpt_meta, None)  # E.g. train.steps = 0: still a checkpoint.
+  except BaseException:
+    writer.close(failed=True)
+    raise
   finally:
     stop.restore()
     t0 = time.perf_counter()
     ckpt.wait()  # Every started save completes (or the process dies and it never counts).
     ckpt.close()
-    writer.close()
   logging.info("checkpoints finished writing in %.2fs", time.perf_counter() - t0)
-  if not stopped_early:
-    samples.write(step, state.params)
-
-  wall = time.perf_counter() - t_start
+  with writer:  # Open until the wall-time record, so that every sink (W&B too) gets it.
+    if not stopped_early:
+      samples.write(step, state.params)
+    wall = time.perf_counter() - t_start
+    writer.write(step, {"wall_time_sec": wall})
   if stopped_early:
     why = stop.signal_name or f"train.stop_at={cfg.train.stop_at}"
     logging.info("stopped at step %d/%d (%s) with a checkpoint; run the same command to resume",
                  step, total_steps, why)
-  if is_main:
-    with metrics.MetricsWriter(workdir, tensorboard=False) as w:
-      w.write(step, {"wall_time_sec": wall})
   logging.info("done: %d steps in %s (%.1fs wall, compile and evals included)%s", step,
                metrics.format_duration(wall), wall,
                f" | final val loss {final['val/loss']:.4f}" if final else "")

@@ -188,9 +188,24 @@ def prepare(config_path: str, cfg: ml_collections.ConfigDict, base_overrides: Tr
                n_trials=n, sampler=sampler, pruner=pruner)
 
 
+def wandb_overrides(cfg: ml_collections.ConfigDict, overrides: Trial, trial_dir: str) -> Trial:
+  """With metrics.wandb on, a trial's W&B run is named after the trial and grouped under the
+  sweep (the basename of the sweep's workdir), where neither `cfg` nor `overrides` names it."""
+  if "metrics" not in cfg:  # A config written before the metrics section existed.
+    return {}
+  value = lambda key: overrides.get(f"metrics.{key}", cfg.metrics[key])
+  if not value("wandb"):
+    return {}
+  trial_dir = os.path.abspath(trial_dir)
+  names = {"wandb_group": os.path.basename(os.path.dirname(trial_dir)),
+           "wandb_name": os.path.basename(trial_dir)}
+  return {f"metrics.{key}": name for key, name in names.items() if not value(key)}
+
+
 def train_command(sweep: Sweep, trial_dir: str, overrides: Trial) -> list[str]:
   """The `jaxlm train` command of one trial: the sweep file, then every override as a flag."""
   merged = {k: v for k, v in sweep.base_overrides.items() if k not in overrides}
   merged.update(overrides)
+  merged.update(wandb_overrides(sweep.cfg, merged, trial_dir))
   return [*sweep.trainer, "--config", sweep.config_path, "--workdir", trial_dir,
           *(f"--config.{k}={flag_value(v)}" for k, v in merged.items())]
