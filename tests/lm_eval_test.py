@@ -121,10 +121,12 @@ def jaxlm_lm(trained):
 
 
 @pytest.fixture(scope="module")
-def both(trained, task_dir, jaxlm_lm):
-  """lm-eval's results of the same two tasks with the jaxlm backend and the HF backend."""
+def both(trained, task_dir):
+  """lm-eval's results of the same two tasks with the jaxlm backend (by name, as the README
+  says: importing jaxlm.tasks.harness registered it) and lm-eval's HF backend."""
   tasks = ["local_mc", "local_rolling"]
-  return {"jaxlm": evaluate(jaxlm_lm, task_dir, tasks),
+  return {"jaxlm": evaluate("jaxlm", task_dir, tasks, model_args=f"workdir={trained[0]},step=best",
+                            batch_size=8),
           "hf": evaluate("hf", task_dir, tasks, model_args=f"pretrained={trained[1]},dtype=float32",
                          device="cpu", batch_size=8)}
 

@@ -35,13 +35,7 @@ from jaxlm import runs, sample
 from jaxlm.errors import JaxlmError
 from jaxlm.tasks import scorer as scorer_lib
 
-INSTALL_HINT = ("the lm-eval backend needs lm-evaluation-harness: pip install 'jaxlm[eval]'")
-NAME = "jaxlm"
-DEFAULT_BATCH_SIZE = 32
-CHUNK_TOKENS = 16  # Generated between checks for stop sequences.
-MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
-GENERATION_KEYS = ("until", "do_sample", "temperature", "top_k", "top_p") + MAX_TOKEN_KEYS
-
+INSTALL_HINT = "the lm-eval backend needs lm-evaluation-harness: pip install 'jaxlm[eval]'"
 try:
   import lm_eval.api.model
   import lm_eval.api.registry
@@ -51,6 +45,12 @@ try:
   import lm_eval.models  # noqa: F401
 except ImportError:
   raise JaxlmError(INSTALL_HINT) from None
+
+NAME = "jaxlm"
+DEFAULT_BATCH_SIZE = 32
+CHUNK_TOKENS = 16  # Generated between checks for stop sequences.
+MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
+GENERATION_KEYS = ("until", "do_sample", "temperature", "top_k", "top_p") + MAX_TOKEN_KEYS
 
 
 def parse_step(step: int | str | None) -> int | str | None:
@@ -130,10 +130,10 @@ class JaxlmLM(lm_eval.api.model.LM):
     self.batch_size = -(-parse_batch_size(batch_size) // n) * n
     # Rows split over the devices the params are replicated on (load_run's data mesh).
     rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(mesh.axis_names))
-    self._place = lambda x: jax.device_put(x, rows)
+    self.place = lambda x: jax.device_put(x, rows)  # Host batch -> devices.
     self.scorer = scorer_lib.Scorer(self.run.model, self.run.params, self.tokenizer,
                                     batch_size=self.batch_size, truncation=truncation,
-                                    place=self._place)
+                                    place=self.place)
     self._samplers: dict[sample.SampleSettings, sample.Sampler] = {}
     logging.info("jaxlm backend: %s at step %d, %d rows per call", workdir, self.run.step,
                  self.batch_size)
@@ -220,7 +220,7 @@ class JaxlmLM(lm_eval.api.model.LM):
     lengths_B = np.ones((B,), np.int32)
     for b, p in enumerate(prompts):
       prompt_BxP[b, :len(p)], lengths_B[b] = p, len(p)
-    state = sampler.prefill(self.run.params, self._place(prompt_BxP), self._place(lengths_B),
+    state = sampler.prefill(self.run.params, self.place(prompt_BxP), self.place(lengths_B),
                             jax.random.key(self.seed))
     max_new = sampler.settings.max_new_tokens
     texts, finished = [""] * n, [False] * n
