@@ -11,20 +11,27 @@ error (lm-eval not installed, no checkpoint, a bad model argument) is one line, 
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 from jaxlm.errors import JaxlmError
 
 
+def _fail(error: JaxlmError) -> NoReturn:
+  sys.stderr.write(f"jaxlm: error: {error}\n")
+  sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
   try:
-    from lm_eval import __main__ as lm_eval_cli
-
-    from jaxlm.tasks import harness  # noqa: F401  (registers the model)
-    sys.argv = ["lm_eval", *argv]  # lm-eval's CLI parses sys.argv itself.
-    lm_eval_cli.cli_evaluate()
+    from jaxlm.tasks import harness  # noqa: F401  (registers the model, or gives the hint)
   except JaxlmError as e:
-    sys.stderr.write(f"jaxlm: error: {e}\n")
-    sys.exit(2)
+    _fail(e)
+  from lm_eval import __main__ as lm_eval_cli
+  sys.argv = ["lm_eval", *argv]  # lm-eval's CLI parses sys.argv itself.
+  try:
+    lm_eval_cli.cli_evaluate()
+  except JaxlmError as e:  # From the model: no checkpoint, a bad model argument, ...
+    _fail(e)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import lm_eval.utils  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import transformers  # noqa: E402
-from conftest import REPO, assert_one_line_error, load_config  # noqa: E402
+from conftest import REPO, assert_one_line_error, load_config, run_jaxlm  # noqa: E402
 
 import jaxlm.tasks  # noqa: E402
 from jaxlm import data as data_lib  # noqa: E402
@@ -62,7 +62,9 @@ def trained(tmp_path_factory, text):
   cfg.checkpoint.every = 10
   cfg.sample.max_new_tokens = 4
   train.train_and_evaluate(cfg, str(root / "w"))
-  hf.export_hf(str(root / "w"), str(root / "hf"))
+  proc = run_jaxlm("convert", "--to_hf", "--workdir", str(root / "w"), "--out", str(root / "hf"))
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "with its tokenizer (tokenizer.json, tokenizer_config.json" in proc.stdout
   return str(root / "w"), str(root / "hf")
 
 
