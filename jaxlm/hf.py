@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxlm import hf_map, tokenizers
+from jaxlm import hf_map, hf_tokenizer, tokenizers
 from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
@@ -225,7 +225,8 @@ def _get(tree: PyTree, path: str) -> np.ndarray:
 
 
 def export_hf(workdir: str, out_dir: str) -> dict[str, Any]:
-  """Writes config.json, safetensors shards (one per block) + index, and tokenizer.json."""
+  """Writes config.json, safetensors shards (one per block) + index, and the tokenizer files
+  AutoTokenizer loads (BPE runs; for char and byte runs, "note" says it was not exported)."""
   st = _safetensors()
   mcfg, params = load_workdir(workdir)
   family = hf_map.family_of(mcfg)
@@ -273,11 +274,17 @@ def export_hf(workdir: str, out_dir: str) -> dict[str, Any]:
     del tensors  # One block at a time.
   with open(os.path.join(out_dir, INDEX), "w", encoding="utf-8") as f:
     json.dump({"metadata": {"total_size": total_bytes}, "weight_map": weight_map}, f, indent=2)
-  with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(hf_map.hf_config(mcfg), f, indent=2)
+  hf_cfg = hf_map.hf_config(mcfg)
   tok_path = workdir_lib.path(workdir) / "tokenizer.json"
-  if tok_path.is_file():
-    tok = tokenizers.load(tok_path)
-    if tok.kind == "bpe":  # Hugging Face can read only its own tokenizer format.
-      tok.hf.save(os.path.join(out_dir, "tokenizer.json"))
-  return {"family": family, "files": len(shard_ids), "bytes": total_bytes, "out": out_dir}
+  tok = tokenizers.load(tok_path) if tok_path.is_file() else None
+  tokenizer_files, note = [], None
+  if tok is not None:
+    # The model's bos/eos are the tokenizer's end-of-text (else transformers' GPT-2 default,
+    # id 50256, which a small vocabulary lacks).
+    hf_cfg.update(hf_tokenizer.special_token_ids(tok))
+    tokenizer_files = hf_tokenizer.export(tok, out_dir, mcfg.block_size)
+    note = None if tokenizer_files else hf_tokenizer.not_exported(tok)
+  with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(hf_cfg, f, indent=2)
+  return {"family": family, "files": len(shard_ids), "bytes": total_bytes, "out": out_dir,
+          "tokenizer_files": tokenizer_files, "note": note}

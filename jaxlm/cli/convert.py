@@ -13,7 +13,8 @@ usage: jaxlm convert --from_hf HF_DIR --workdir DIR
        jaxlm convert --to_hf --workdir DIR --out HF_DIR
 
 Imports a Hugging Face model directory (config.json + safetensors) as step 0 of a jaxlm run, or
-exports a run's checkpoint to one (safetensors needs the hf extra: pip install 'jaxlm[hf]').
+exports a run's checkpoint to one, with its tokenizer for AutoTokenizer when it is a BPE
+(safetensors needs the hf extra: pip install 'jaxlm[hf]').
 """
 
 FLAGS = flags.FlagValues()  # This command's flags only; the dispatcher parses argv into it.
@@ -40,5 +41,9 @@ def main(argv: list[str]) -> None:
   else:
     common.require(_OUT.value, "out")
     result = hf.export_hf(_WORKDIR.value, _OUT.value)
+    tokenizer = (f" with its tokenizer ({', '.join(result['tokenizer_files'])})"
+                 if result["tokenizer_files"] else "")
     print(f"exported a {result['family']} ({result['bytes']:,} bytes in {result['files']} "
-          f"safetensors files) to {result['out']}")
+          f"safetensors files){tokenizer} to {result['out']}")
+    if result["note"]:
+      print(result["note"])

@@ -144,20 +144,19 @@ class Scorer:
     return scores
 
   def loglikelihood_rolling(self, texts: Sequence[str]) -> list[Score]:
-    """The log-likelihood of each whole text, in windows of block_size tokens scored once each.
+    """The log-likelihood of each whole text, every token scored once (`rolling_windows`).
 
     The first token is conditioned on end-of-text (or, for a tokenizer without one, is not
-    scored); each later window sees the token before it.
+    scored).
     """
     requests = []
     owners = []
     eot = getattr(self.tokenizer, "eot_id", None)
     for j, text in enumerate(texts):
       ids = np.asarray(self.tokenizer.encode(text), np.int64)
-      seq = np.concatenate([[eot], ids]) if eot is not None else ids
-      for start in range(1, len(seq), self.block_size):
-        requests.append((seq[start - 1:start], seq[start:start + self.block_size]))
-        owners.append(j)
+      windows = rolling_windows(ids, eot, self.block_size)
+      requests += windows
+      owners += [j] * len(windows)
     totals = [0.0] * len(texts)
     counts = [0] * len(texts)
     greedy = [True] * len(texts)
@@ -166,3 +165,22 @@ class Scorer:
       counts[j] += s.tokens
       greedy[j] &= s.greedy
     return [Score(t, g, n) for t, g, n in zip(totals, greedy, counts, strict=True)]
+
+
+def rolling_windows(ids: np.ndarray, prefix: int | None,
+                    block_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(context, continuation) pairs that score each token of `ids` once, as lm-eval's
+  loglikelihood_rolling does (get_rolling_token_windows with context_len=1, made disjoint).
+
+  The first window is conditioned on `prefix` alone (None: on the first token, which is then
+  not scored). Windows of block_size scored tokens follow, each seeing the token before it;
+  the last, shorter one sees as many earlier tokens as fit in the block, so no token is
+  predicted from less context than it needs to be.
+  """
+  seq = np.concatenate([[prefix], ids]) if prefix is not None else ids
+  out = []
+  for start in range(1, len(seq), block_size):
+    end = min(start + block_size, len(seq))
+    # The model sees seq[end - 1 - block_size:end - 1] and scores seq[start:end].
+    out.append((seq[max(end - 1 - block_size, 0):start], seq[start:end]))
+  return out
