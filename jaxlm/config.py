@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 import ml_collections
-
 from absl import logging
 
 from jaxlm import data as data_lib

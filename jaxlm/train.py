@@ -30,8 +30,8 @@ from jaxlm.corpus import batches as batches_lib
 from jaxlm.errors import JaxlmError
 from jaxlm.host import allocator
 from jaxlm.preemption import StopRequest
-from jaxlm.tasks import suite as suite_lib
 from jaxlm.step import TrainState
+from jaxlm.tasks import suite as suite_lib
 
 SAMPLE_RNG_STREAM = 3  # samples.txt at step s uses fold_in(fold_in(key(seed), 3), s).
 

@@ -19,7 +19,6 @@ from conftest import REPO, assert_one_line_error, load_config, run_jaxlm, start_
 
 from jaxlm import config as config_lib
 from jaxlm import tokenizers
-from jaxlm.corpus import batches as batches_lib
 from jaxlm.corpus import prepare as prepare_lib
 from jaxlm.corpus import spec as spec_lib
 from jaxlm.errors import JaxlmError
@@ -84,7 +83,7 @@ def test_documents_end_with_eot_and_held_out_documents_are_spread(tmp_path):
          for store in (train, val) for i in store.source_documents(w)]
   assert sorted(got) == sorted(web_docs)
   held = [prepare_lib.is_held_out("web", i, cfg.data.val_fraction) for i in range(len(web_docs))]
-  assert [d for d, h in zip(web_docs, held) if h] == [
+  assert [d for d, h in zip(web_docs, held, strict=True) if h] == [
       bytes(val.document(i)[:-1].astype(np.uint8)).decode() for i in val.source_documents(w)]
   # Held out from the whole source, not its tail: some in each half.
   idx = np.flatnonzero(held)
@@ -161,7 +160,7 @@ def test_batches_are_the_same_on_1_2_and_4_processes(tmp_path, rows):
 def test_mixture_proportions_and_document_aligned_starts(tmp_path):
   data = load(two_source_config(tmp_path, rows="documents", web=3.0, code=1.0))
   sources, starts = zip(*(data.draw(data.train, data.weights, [0, 0, s], 480)
-                          for s in range(20)))
+                          for s in range(20)), strict=True)
   sources, starts = np.concatenate(sources), np.concatenate(starts)
   n, p = len(sources), 0.75
   share = np.mean(sources == data.names.index("web"))

@@ -101,7 +101,7 @@ class FakeScorer:
 
   def loglikelihood(self, requests, names=None):
     assert len(requests) == len(self.logprobs)
-    return [scorer_lib.Score(lp, g, 1) for lp, g in zip(self.logprobs, self.greedy)]
+    return [scorer_lib.Score(lp, g, 1) for lp, g in zip(self.logprobs, self.greedy, strict=True)]
 
 
 def write_task(tmp_path, examples, **spec):

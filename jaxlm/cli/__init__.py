@@ -1,7 +1,7 @@
 """The `jaxlm` console script: `jaxlm <command> [flags]`, one module per command in jaxlm/cli/.
 
-Commands: train, prepare, eval, sample, sweep, bench, params, convert, launch, tpu. Each command module
-owns its flags (a FlagValues of its own, not absl's global FLAGS) and its `main`; this module
+Commands: train, prepare, eval, sample, sweep, bench, params, convert, launch, tpu. Each command
+module owns its flags (a FlagValues of its own, not absl's global FLAGS) and its `main`; this module
 picks the command, parses argv into that command's flags only, and prints bad input as one line
 (`jaxlm: error: ...`, exit 2) instead of a traceback. No command module imports jax at import
 time, so `jaxlm --help` and `jaxlm <command> --help` are quick.
@@ -22,7 +22,8 @@ from absl import app, flags, logging
 from jaxlm.cli import common
 from jaxlm.errors import JaxlmError
 
-COMMANDS = ("train", "prepare", "eval", "sample", "sweep", "bench", "params", "convert", "launch", "tpu")
+COMMANDS = ("train", "prepare", "eval", "sample", "sweep", "bench", "params", "convert", "launch",
+            "tpu")
 
 USAGE = """usage: jaxlm <command> [flags]
 
