@@ -7,7 +7,9 @@ Dropout, arranged so XLA:CPU runs them faster (jaxlm/kernels.py says how).
 GPT-2 is LayerNorm, learned positions and a GELU MLP; LLaMA is RMSNorm, rotary positions and a
 SwiGLU MLP. Each piece is its own ModelConfig field, so any mix builds; the parameter paths of
 the GPT-2 pieces do not depend on the others (h_0/attn/query/kernel, wte/embedding, ln_f/scale),
-and every module that reads a path takes its names from the constants below.
+and every module that reads a path takes its names from the constants below. Newer recipes are
+off by default and mix with either family: qk_norm, logit_softcap, the relu2 MLP,
+zero_init_proj and per-layer sliding windows (attention_window).
 Tensor names end with their shape in the letters of jaxlm/axes.py (B batch, L length, S key
 length, D width, H heads, G kv heads, K head dim, F MLP width, V vocab).
 
