@@ -299,8 +299,9 @@ def dropout(cfg: ModelConfig) -> nn.Module:
 
 def out_init(cfg: ModelConfig, names: tuple[str | None, ...]) -> nn.initializers.Initializer:
   """Kernel init of a projection back into the residual stream (attention out, MLP proj):
-  GPT-2's scaled normal, or zeros with model.zero_init_proj (modded-nanogpt), so that every
-  block starts as the identity and the first updates come from the gradients alone."""
+  GPT-2's scaled normal, or zeros with model.zero_init_proj (modded-nanogpt): every block then
+  starts by passing the residual stream through unchanged, and the projections grow from their
+  gradients (which are not zero: they are the sublayer's input times the residual's)."""
   if cfg.zero_init_proj:
     return _zeros(names)
   return _init(INIT_STD / math.sqrt(2 * cfg.n_layer), names)
