@@ -188,8 +188,9 @@ def test_window_1_attention_output_is_the_tokens_own_value():
 @pytest.mark.parametrize("overrides", [
     dict(n_layer=1, attention_window="3"),
     dict(n_layer=1, attention_window="3", attention_block=4),
-    dict(n_layer=2, attention_window="3"),  # Two layers see 2 * (W - 1) tokens back.
-    dict(n_layer=2, attention_window="3,5", scan_layers=True, attention_block=4),
+    # Two layers see 2 (W - 1) tokens back. Remat: the backward pass recomputes the windows.
+    dict(n_layer=2, attention_window="3", remat="dots"),
+    dict(n_layer=2, attention_window="3,5", scan_layers=True, attention_block=4, remat="full"),
 ])
 def test_loss_at_t_has_zero_gradient_outside_the_window(overrides):
   """d logits[t] / d wpe[s] (the input at position s) is zero exactly where s is outside the
