@@ -87,7 +87,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
 
   n_matmul = model_lib.matmul_params(jax.eval_shape(lambda: state.params))
   flops_per_token = metrics.flops_per_token(n_matmul, mcfg.n_layer, mcfg.d_model,
-                                            mcfg.block_size)
+                                            mcfg.block_size, mcfg.layer_windows)
   tokens_per_step = cfg.train.batch_size * mcfg.block_size
   median = statistics.median(times)
   achieved = flops_per_token * tokens_per_step / median

@@ -30,6 +30,9 @@ FAMILY_PRESETS = {
 }
 FAMILIES = tuple(FAMILY_PRESETS)
 PRESET_KEYS = tuple(FAMILY_PRESETS["gpt2"])
+# Model options of issue 19's recipes (defaults.py says what each is), off unless set; no
+# family turns them on.
+RECIPE_KEYS = ("qk_norm", "logit_softcap", "zero_init_proj", "attention_window")
 
 # Generators of dropout masks (train.dropout_rng). threefry2x32 is JAX's default: the same bits
 # on every backend and sharding. rbg draws the bits with XLA's RngBitGenerator (keys are still
@@ -70,12 +73,14 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.M
     raise JaxlmError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's "
                      f"vocabulary ({vocab_size}); set it to 0 to derive it")
   d_ff = m.d_ff or (llama_ff_dim(m.d_model) if m.family == "llama" else 0)
+  # Configs saved before these options existed lack them: they read as off.
+  recipe = {key: m[key] for key in RECIPE_KEYS if key in m}
   return model_lib.ModelConfig(
       vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
       n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=d_ff,
       dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
       scan_layers=m.scan_layers, attention_block=m.attention_block,
-      hash_dropout=cfg.train.dropout_rng == "hash", **arch)
+      hash_dropout=cfg.train.dropout_rng == "hash", **arch, **recipe)
 
 
 def resolved_dict(cfg: ml_collections.ConfigDict,

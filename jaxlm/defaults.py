@@ -71,7 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.norm_eps = 0.0  # Epsilon of the norms; 0 = 1e-5.
   c.model.position = ""  # learned (wpe table of block_size rows) | rope (rotary, no params).
   c.model.rope_theta = 0.0  # RoPE base; 0 = 10000 (LLaMA 1/2; LLaMA 3 uses 500000).
-  c.model.mlp = ""  # gelu | swiglu.
+  # gelu | swiglu | relu2 (squared ReLU, relu(x)^2: So et al. 2021 "Primer", modded-nanogpt;
+  # the same two matrices as gelu).
+  c.model.mlp = ""
   c.model.n_layer = 12
   c.model.n_head = 12
   c.model.n_kv_head = 0  # 0 = n_head; fewer = grouped-query attention.
@@ -91,6 +93,22 @@ def base_config() -> ml_collections.ConfigDict:
   # last row (the causal mask's upper triangle is skipped): the same math with fewer FLOPs and
   # one more loop in the compiled step; 0 = the whole sequence at once. Helps on CPU.
   c.model.attention_block = 0
+  # Modern recipe options (issue 19), all off by default; Hugging Face export refuses them.
+  # RMSNorm of each query and key head over the head dim (a learned [head_dim] scale per layer
+  # for each), before RoPE and the scores: OLMo 2, Gemma 3, modded-nanogpt. RMSNorm whatever
+  # model.norm is (jaxlm/model.py qk_norm says why).
+  c.model.qk_norm = False
+  # Final logits = cap * tanh(logits / cap) in float32, in training, eval and sampling
+  # (Gemma 2, modded-nanogpt use 30 and 15); 0 = off.
+  c.model.logit_softcap = 0.0
+  # The attention-out and MLP-out projection kernels start at zero, so each block starts as
+  # the identity (modded-nanogpt); every other init is unchanged.
+  c.model.zero_init_proj = False
+  # Sliding-window attention per layer: "" = full causal attention in every layer; else
+  # comma-separated entries cycled over the layers, each "full" or an integer W >= 1, where
+  # the query at position t attends to the keys at t-W+1 .. t (W = 1: only itself; W >=
+  # block_size: the same as full). E.g. "128,128,128,full" = Gemma 2/3-style local/global.
+  c.model.attention_window = ""
 
   c.optim = ml_collections.ConfigDict()
   c.optim.name = "adamw"  # adamw | lion | sgd

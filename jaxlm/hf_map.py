@@ -81,8 +81,29 @@ def model_config_from_hf(hf_cfg: dict[str, Any], where: str = "config.json"
       rope_theta=rope.get("rope_theta") or hf_cfg.get("rope_theta") or 10000.0, mlp="swiglu")
 
 
+def inexpressible(mcfg: model_lib.ModelConfig) -> list[str]:
+  """The model options of `mcfg` that transformers' GPT-2 and LLaMA cannot compute, each with
+  why. model.zero_init_proj is not one: it only changes the init, and the trained weights are
+  a plain GPT-2 or LLaMA. A window of at least block_size is full attention, so not one either.
+  """
+  out = []
+  if mcfg.qk_norm:
+    out.append("model.qk_norm=True (their attention has no query/key norm)")
+  if mcfg.logit_softcap:
+    out.append(f"model.logit_softcap={mcfg.logit_softcap:g} (they do not soft-cap logits)")
+  if mcfg.mlp == "relu2":
+    out.append("model.mlp=relu2 (their MLPs are GELU and SwiGLU)")
+  if any(0 < w < mcfg.block_size for w in mcfg.layer_windows):
+    out.append(f"model.attention_window={mcfg.attention_window!r} (they attend over the whole "
+               "context, no sliding window)")
+  return out
+
+
 def family_of(mcfg: model_lib.ModelConfig) -> str:
   """The Hugging Face family whose architecture is exactly `mcfg`'s, or a JaxlmError."""
+  if options := inexpressible(mcfg):
+    raise JaxlmError("cannot export to Hugging Face: transformers' GPT-2 and LLaMA cannot "
+                     f"express {'; '.join(options)}")
   if (mcfg.norm, mcfg.position, mcfg.mlp) == ("layernorm", "learned", "gelu"):
     if not mcfg.bias or mcfg.kv_heads != mcfg.n_head:
       raise JaxlmError("GPT-2 in Hugging Face format needs model.bias=True and no "

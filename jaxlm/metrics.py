@@ -22,15 +22,31 @@ from jaxlm.host import xla
 # often; a run killed without a chance to close loses at most this many seconds of records.
 REMOTE_FLUSH_SEC = 30.0
 
-def flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int) -> float:
+def attended_keys(n_layer: int, seq_len: int, windows: tuple[int, ...] = ()) -> int:
+  """Keys the attention term counts per query, summed over the layers: seq_len per layer, or
+  min(W, seq_len) for a layer with sliding window W (`windows` as
+  ModelConfig.layer_windows: one per layer, 0 = full; empty = every layer full).
+
+  The 12·n_layer·d_model·seq_len rule counts every query at the full context (what the last
+  query of a causal layer sees, not the causal average); a windowed layer's last query sees
+  min(W, seq_len) keys, so the same convention gives it that length.
+  """
+  if not windows:
+    return n_layer * seq_len
+  return sum(min(w, seq_len) if w else seq_len for w in windows)
+
+
+def flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int,
+                    windows: tuple[int, ...] = ()) -> float:
   """Training FLOPs per token, forward + backward: 6·N + 12·n_layer·d_model·seq_len.
 
   N counts the parameters that take part in matmuls (all but position embeddings; a tied
   embedding once, since it is the output head's matmul). The second term is the attention
   score and value matmuls over the full context (Kaplan et al. 2020; PaLM appendix B), the
-  same convention as nanoGPT's estimate_mfu.
+  same convention as nanoGPT's estimate_mfu. With sliding windows, n_layer·seq_len becomes
+  `attended_keys` (each layer's effective attended length).
   """
-  return 6.0 * n_params + 12.0 * n_layer * d_model * seq_len
+  return 6.0 * n_params + 12.0 * d_model * attended_keys(n_layer, seq_len, windows)
 
 
 _measured_peak: dict[tuple[str, str], float] = {}

@@ -7,7 +7,9 @@ Dropout, arranged so XLA:CPU runs them faster (jaxlm/kernels.py says how).
 GPT-2 is LayerNorm, learned positions and a GELU MLP; LLaMA is RMSNorm, rotary positions and a
 SwiGLU MLP. Each piece is its own ModelConfig field, so any mix builds; the parameter paths of
 the GPT-2 pieces do not depend on the others (h_0/attn/query/kernel, wte/embedding, ln_f/scale),
-and every module that reads a path takes its names from the constants below.
+and every module that reads a path takes its names from the constants below. Newer recipes are
+off by default and mix with either family: qk_norm, logit_softcap, the relu2 MLP,
+zero_init_proj and per-layer sliding windows (attention_window).
 Tensor names end with their shape in the letters of jaxlm/axes.py (B batch, L length, S key
 length, D width, H heads, G kv heads, K head dim, F MLP width, V vocab).
 
@@ -38,7 +40,8 @@ PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
-MLPS = ("gelu", "swiglu")
+MLPS = ("gelu", "swiglu", "relu2")
+FULL_WINDOW = "full"  # An entry of model.attention_window: plain causal attention in that layer.
 # What the backward pass may keep from the forward pass of a block (the rest is recomputed):
 # "full" keeps only the block's input, "dots" also keeps matmul outputs (cheap to store, the
 # costly part to recompute).
@@ -68,6 +71,9 @@ ATTN_OUT = "out"
 MLP_IN = "fc"  # LLaMA's up projection.
 MLP_GATE = "gate"  # SwiGLU only.
 MLP_OUT = "proj"
+# model.qk_norm: the RMSNorms of queries and keys over the head dim, h_0/attn/query_norm/scale.
+QUERY_NORM = "query_norm"
+KEY_NORM = "key_norm"
 
 
 def block_name(i: int) -> str:
@@ -98,7 +104,8 @@ class ModelConfig:
   norm_eps: float = 1e-5
   position: str = "learned"  # learned (a wpe table) | rope (rotary, no parameters).
   rope_theta: float = 10000.0  # RoPE base: the longest rotation wavelength is ~2*pi*theta.
-  mlp: str = "gelu"  # gelu (fc -> GELU -> proj) | swiglu (silu(gate) * fc -> proj).
+  # gelu (fc -> GELU -> proj) | swiglu (silu(gate) * fc -> proj) | relu2 (fc -> relu^2 -> proj).
+  mlp: str = "gelu"
   dtype: str = "float32"  # compute dtype of matmuls; softmax, logits and loss always run in f32.
   param_dtype: str = "float32"
   remat: str = "none"  # Recompute activations in the backward pass: none | full | dots.
@@ -107,6 +114,13 @@ class ModelConfig:
   hash_dropout: bool = False
   scan_layers: bool = False  # One scanned block (params stacked on a `layers` axis).
   attention_block: int = 0  # Training attention in query blocks of this many rows; 0 = one.
+  qk_norm: bool = False  # RMSNorm of queries and keys over the head dim, before RoPE.
+  logit_softcap: float = 0.0  # logits = cap * tanh(logits / cap); 0 = off.
+  zero_init_proj: bool = False  # Attention-out and MLP-out kernels start at zero.
+  # Per-layer sliding windows, cycled over the layers: "" = all full causal attention, else
+  # comma-separated entries, each an integer W >= 1 (a query at t sees keys t-W+1 .. t) or
+  # "full"; see layer_windows.
+  attention_window: str = ""
 
   def __post_init__(self):
     def fail(msg):
@@ -139,6 +153,9 @@ class ModelConfig:
       fail(f"model.attention_block must be >= 0 (0 = off), got {self.attention_block}")
     if self.remat not in REMAT_POLICIES:
       fail(f"model.remat={self.remat!r} is not one of {', '.join(REMAT_POLICIES)}")
+    if not self.logit_softcap >= 0:  # Also catches NaN.
+      fail(f"model.logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
+    parse_windows(self.attention_window, self.n_layer)  # Raises on a bad entry.
 
   @property
   def head_dim(self) -> int:
@@ -151,6 +168,41 @@ class ModelConfig:
   @property
   def ff_dim(self) -> int:
     return self.d_ff or 4 * self.d_model
+
+  @property
+  def layer_windows(self) -> tuple[int, ...]:
+    """Each layer's attention window W (0 = full causal attention), model.attention_window
+    cycled over the n_layer layers."""
+    return parse_windows(self.attention_window, self.n_layer)
+
+  @property
+  def scan_window(self) -> int:
+    """Under scan_layers, the window every layer has (0 = full) or, if they differ, -1: the
+    scanned block then reads its layer's window from the scanned per-layer array."""
+    windows = set(self.layer_windows)
+    return windows.pop() if len(windows) == 1 else -1
+
+
+def parse_windows(spec: str, n_layer: int) -> tuple[int, ...]:
+  """model.attention_window -> one window per layer (0 = full); JaxlmError on a bad entry.
+
+  "" is full attention everywhere; "128,128,128,full" gives layers 0-2 a 128-token window,
+  layer 3 full attention, layers 4-6 windows again, and so on.
+  """
+  if not spec.strip():
+    return (0,) * n_layer
+  entries = []
+  for entry in spec.split(","):
+    entry = entry.strip()
+    if entry == FULL_WINDOW:
+      entries.append(0)
+    elif entry.isascii() and entry.isdigit() and int(entry) >= 1:
+      entries.append(int(entry))
+    else:
+      raise JaxlmError(f"invalid model config: model.attention_window={spec!r}: each "
+                       f"comma-separated entry must be an integer window >= 1 or "
+                       f"{FULL_WINDOW!r}, got {entry!r}")
+  return tuple(entries[i % len(entries)] for i in range(n_layer))
 
 
 @flax.struct.dataclass
@@ -209,6 +261,19 @@ def layer_norm(cfg: ModelConfig, name: str) -> nn.Module:
                       bias_init=_zeros((axes.EMBED,)), name=name)
 
 
+def qk_norm(cfg: ModelConfig, name: str) -> nn.Module:
+  """model.qk_norm: RMSNorm over the head dim with one learned scale per dim, in float32.
+
+  RMSNorm whatever model.norm is, as OLMo 2, Gemma 3 and modded-nanogpt do: a LayerNorm's
+  shift on the keys would add the same q.b to every score of a query (the softmax cancels
+  it), and its mean subtraction removes a direction of the head space; the point here is only
+  to bound the scale of q.k. The scale [K] is shared by the heads of a layer (as Gemma 3).
+  """
+  return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=jnp.float32,
+                    param_dtype=DTYPES[cfg.param_dtype], scale_init=_ones((axes.HEAD_DIM,)),
+                    name=name)
+
+
 def rope(x_BxLxHxK: jax.Array, positions_BxL: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding in the "rotate half" layout (as Hugging Face LLaMA).
 
@@ -232,14 +297,31 @@ def dropout(cfg: ModelConfig) -> nn.Module:
   return HashDropout(cfg.dropout) if cfg.hash_dropout else nn.Dropout(cfg.dropout)
 
 
+def out_init(cfg: ModelConfig, names: tuple[str | None, ...]) -> nn.initializers.Initializer:
+  """Kernel init of a projection back into the residual stream (attention out, MLP proj):
+  GPT-2's scaled normal, or zeros with model.zero_init_proj (modded-nanogpt): every block then
+  starts by passing the residual stream through unchanged, and the projections grow from their
+  gradients (which are not zero: they are the sublayer's input times the residual's)."""
+  if cfg.zero_init_proj:
+    return _zeros(names)
+  return _init(INIT_STD / math.sqrt(2 * cfg.n_layer), names)
+
+
 class CausalSelfAttention(nn.Module):
-  """Multi-head (or grouped-query) causal self-attention; scores and softmax in float32."""
+  """Multi-head (or grouped-query) causal self-attention; scores and softmax in float32.
+
+  `window` is the layer's sliding window W (a query at t sees keys t-W+1 .. t), 0 = full
+  causal attention, -1 = the traced `layer_window` argument holds it (a scanned block, whose
+  layers differ in their windows; 0 there is also full).
+  """
   cfg: ModelConfig
+  window: int = 0
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, *, train: bool, positions_BxL: jax.Array | None = None,
-               cache: LayerCache | None = None) -> tuple[jax.Array, LayerCache | None]:
-    cfg = self.cfg
+               cache: LayerCache | None = None,
+               layer_window: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+    cfg, window = self.cfg, self.window
     H, G, K = cfg.n_head, cfg.kv_heads, cfg.head_dim
     dense = dict(use_bias=cfg.bias, dtype=DTYPES[cfg.dtype],
                  param_dtype=DTYPES[cfg.param_dtype])
@@ -252,6 +334,11 @@ class CausalSelfAttention(nn.Module):
         bias_init=_zeros((None, axes.KV_HEADS, axes.HEAD_DIM)), name=KEY_VALUE,
         **dense)(x_BxLxD)
     k_BxSxGxK, v_BxSxGxK = kv_BxLx2xGxK[:, :, 0], kv_BxLx2xGxK[:, :, 1]
+    if cfg.qk_norm:
+      # Before RoPE, as OLMo 2 and Gemma 3: the rotation keeps the norm, so the scores stay
+      # bounded by the learned scales.
+      q_BxLxHxK = qk_norm(cfg, QUERY_NORM)(q_BxLxHxK).astype(q_BxLxHxK.dtype)
+      k_BxSxGxK = qk_norm(cfg, KEY_NORM)(k_BxSxGxK).astype(k_BxSxGxK.dtype)
 
     B, L = x_BxLxD.shape[:2]
     if cfg.position == "rope":
@@ -275,18 +362,33 @@ class CausalSelfAttention(nn.Module):
       probs_BxGxRxLxS = dropout(cfg)(probs_BxGxRxLxS, deterministic=not train)
       return jnp.einsum("bgrls,bgsk->bgrlk", probs_BxGxRxLxS.astype(v_BxGxSxK.dtype), v_BxGxSxK)
 
+    def visible(q_pos, k_pos):
+      """Which keys each query sees: causal, and within the layer's window if it has one."""
+      seen = k_pos <= q_pos
+      if window > 0:
+        seen = seen & (k_pos > q_pos - window)
+      elif window < 0:
+        seen = seen & ((layer_window == 0) | (k_pos > q_pos - layer_window))
+      return seen
+
     if cache is None:
       k_BxGxSxK, v_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)
       # Causal: query t sees keys 0..t. With model.attention_block = C, queries go in blocks
       # of C rows and each block computes scores only for the keys up to its last row, so the
-      # all-masked upper triangle is skipped: 5/8 of the score work for 4 blocks.
+      # all-masked upper triangle is skipped: 5/8 of the score work for 4 blocks. With a
+      # window of at most W for this layer (the widest of a scanned block's layers), the keys
+      # before its first row's window are skipped too.
       C = cfg.attention_block or L
+      span = window
+      if window < 0:  # The widest window of the scanned layers, unless one of them is full.
+        span = 0 if 0 in cfg.layer_windows else max(cfg.layer_windows)
       outs = []
       for start in range(0, L, C):
         stop = min(start + C, L)
-        visible_LxS = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
-        outs.append(attend(q_BxGxRxLxK[:, :, :, start:stop], k_BxGxSxK[:, :, :stop],
-                           v_BxGxSxK[:, :, :stop], visible_LxS))
+        first = max(start - span + 1, 0) if span else 0
+        visible_LxS = visible(jnp.arange(start, stop)[:, None], jnp.arange(first, stop)[None, :])
+        outs.append(attend(q_BxGxRxLxK[:, :, :, start:stop], k_BxGxSxK[:, :, first:stop],
+                           v_BxGxSxK[:, :, first:stop], visible_LxS))
       out_BxGxRxLxK = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     else:
       # Write the new keys/values (k_BxSxGxK holds the L new ones here) at their positions,
@@ -297,21 +399,21 @@ class CausalSelfAttention(nn.Module):
           k_BxGxSxK=cache.k_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(k_BxSxGxK),
           v_BxGxSxK=cache.v_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(v_BxSxGxK))
       S = cache.k_BxGxSxK.shape[2]
-      visible_BxLxS = jnp.arange(S)[None, None, :] <= positions_BxL[:, :, None]
+      visible_BxLxS = visible(positions_BxL[:, :, None], jnp.arange(S)[None, None, :])
       out_BxGxRxLxK = attend(q_BxGxRxLxK, cache.k_BxGxSxK, cache.v_BxGxSxK,
                              visible_BxLxS[:, None, None])
     out_BxLxGxRxK = out_BxGxRxLxK.transpose(0, 3, 1, 2, 4)
     out_BxLxHxK = out_BxLxGxRxK.reshape(B, L, H, K)
     out_BxLxD = Linear(
         (cfg.d_model,), in_dims=2,
-        kernel_init=_init(INIT_STD / math.sqrt(2 * cfg.n_layer),
-                          (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
+        kernel_init=out_init(cfg, (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
         bias_init=_zeros((axes.EMBED,)), name=ATTN_OUT, **dense)(out_BxLxHxK)
     return dropout(cfg)(out_BxLxD, deterministic=not train), cache
 
 
 class MLP(nn.Module):
-  """GELU MLP (fc -> gelu -> proj) or SwiGLU (silu(gate) * fc -> proj), as model.mlp says."""
+  """GELU MLP (fc -> gelu -> proj), SwiGLU (silu(gate) * fc -> proj) or squared ReLU
+  (fc -> relu^2 -> proj), as model.mlp says."""
   cfg: ModelConfig
 
   @nn.compact
@@ -326,11 +428,12 @@ class MLP(nn.Module):
       gate_BxLxF = Linear((cfg.ff_dim,), kernel_init=_init(INIT_STD, (axes.EMBED, axes.MLP)),
                           bias_init=_zeros((axes.MLP,)), name=MLP_GATE, **dense)(x_BxLxD)
       h_BxLxF = nn.silu(gate_BxLxF) * h_BxLxF
+    elif cfg.mlp == "relu2":
+      # So et al. 2021 (Primer), as modded-nanogpt: relu(x)^2, the same two matrices as gelu.
+      h_BxLxF = jnp.square(nn.relu(h_BxLxF))
     else:
       h_BxLxF = nn.gelu(h_BxLxF, approximate=True)  # GPT-2 uses the tanh approximation.
-    out_BxLxD = Linear((cfg.d_model,),
-                       kernel_init=_init(INIT_STD / math.sqrt(2 * cfg.n_layer),
-                                         (axes.MLP, axes.EMBED)),
+    out_BxLxD = Linear((cfg.d_model,), kernel_init=out_init(cfg, (axes.MLP, axes.EMBED)),
                        bias_init=_zeros((axes.EMBED,)), name=MLP_OUT, **dense)(h_BxLxF)
     return dropout(cfg)(out_BxLxD, deterministic=not train)
 
@@ -339,18 +442,22 @@ class Block(nn.Module):
   """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x)).
 
   Returns (x, cache): the (carry, per-layer output) signature that `nn.scan` expects, with the
-  updated LayerCache when decoding and None otherwise.
+  updated LayerCache when decoding and None otherwise. `window` and `layer_window` are the
+  attention's (CausalSelfAttention says what they mean).
   """
   cfg: ModelConfig
   train: bool = False
+  window: int = 0
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, cache: LayerCache | None = None,
-               positions_BxL: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
+               positions_BxL: jax.Array | None = None,
+               layer_window: jax.Array | None = None) -> tuple[jax.Array, LayerCache | None]:
     cfg, dtype = self.cfg, x_BxLxD.dtype
     h_BxLxD = layer_norm(cfg, ATTN_NORM)(x_BxLxD).astype(dtype)
-    attn_BxLxD, cache = CausalSelfAttention(cfg, name=ATTN)(
-        h_BxLxD, train=self.train, positions_BxL=positions_BxL, cache=cache)
+    attn_BxLxD, cache = CausalSelfAttention(cfg, window=self.window, name=ATTN)(
+        h_BxLxD, train=self.train, positions_BxL=positions_BxL, cache=cache,
+        layer_window=layer_window)
     x_BxLxD = x_BxLxD + attn_BxLxD
     h_BxLxD = layer_norm(cfg, MLP_NORM)(x_BxLxD).astype(dtype)
     x_BxLxD = x_BxLxD + MLP(cfg, name=MLP_SUBLAYER)(h_BxLxD, train=self.train)
@@ -403,14 +510,20 @@ class DecoderLM(nn.Module):
     if cfg.scan_layers:
       # One traced block whatever the depth, so compile time stays flat in n_layer. Params
       # gain a leading `layers` axis: h/attn/query/kernel is [N, D, H, K]; so does the cache.
+      # Layers whose windows differ share the traced block: each reads its window from a
+      # scanned [N] array instead (a static window when all layers have the same one).
+      window = cfg.scan_window
+      windows_N = jnp.asarray(cfg.layer_windows, jnp.int32) if window < 0 else None
       stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True,
-                      "dropout": True}, in_axes=(0, nn.broadcast), length=cfg.n_layer,
+                      "dropout": True}, in_axes=(0, nn.broadcast, 0), length=cfg.n_layer,
                       metadata_params={nn.PARTITION_NAME: axes.LAYERS})
-      x_BxLxD, cache = stack(cfg, train=train, name=BLOCKS)(x_BxLxD, cache, positions_BxL)
+      x_BxLxD, cache = stack(cfg, train=train, window=window, name=BLOCKS)(
+          x_BxLxD, cache, positions_BxL, windows_N)
     else:
       layer_caches = []
       for i in range(cfg.n_layer):
-        x_BxLxD, layer_cache = block(cfg, train=train, name=block_name(i))(
+        x_BxLxD, layer_cache = block(cfg, train=train, window=cfg.layer_windows[i],
+                                     name=block_name(i))(
             x_BxLxD, None if cache is None else cache[i], positions_BxL)
         layer_caches.append(layer_cache)
       cache = None if cache is None else tuple(layer_caches)
@@ -423,6 +536,11 @@ class DecoderLM(nn.Module):
                             param_dtype=DTYPES[cfg.param_dtype],
                             kernel_init=_init(INIT_STD, (axes.EMBED, axes.VOCAB)),
                             name=HEAD)(x_BxLxD)
+    if cfg.logit_softcap:
+      # Gemma 2 / modded-nanogpt: a smooth clip of the logits to (-cap, cap), in float32 (the
+      # logits are float32 whatever model.dtype), so training, eval and sampling all see it.
+      cap = cfg.logit_softcap
+      logits_BxLxV = cap * jnp.tanh(logits_BxLxV.astype(jnp.float32) / cap)
     return logits_BxLxV if cache is None else (logits_BxLxV, cache)
 
 

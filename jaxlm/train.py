@@ -205,7 +205,8 @@ class StepLog:
     self.cfg, self.schedule, self.writer = cfg, setup.recipe.schedule, writer
     self.tokens_per_step = cfg.train.batch_size * mcfg.block_size
     self.flops_per_token = metrics.flops_per_token(model_lib.matmul_params(params),
-                                                   mcfg.n_layer, mcfg.d_model, mcfg.block_size)
+                                                   mcfg.n_layer, mcfg.d_model, mcfg.block_size,
+                                                   mcfg.layer_windows)
     self.peak_flops = metrics.peak_flops_total(mcfg.dtype)
     self.pending: list[dict[str, jax.Array]] = []
     self.layer_stats: dict[str, jax.Array] = {}
@@ -269,7 +270,7 @@ def log_setup(cfg: ml_collections.ConfigDict, setup: build_lib.Setup,
   logging.info("model: %s parameters (%s in matmuls) | %.3g FLOPs/token | %d layers, "
                "d_model %d, %d heads, block %d", f"{model_lib.count_params(params):,}",
                f"{n_matmul:,}", metrics.flops_per_token(n_matmul, mcfg.n_layer, mcfg.d_model,
-                                                        mcfg.block_size),
+                                                        mcfg.block_size, mcfg.layer_windows),
                mcfg.n_layer, mcfg.d_model, mcfg.n_head, mcfg.block_size)
   logging.info("devices: %d x %s on %d process(es) | mesh %s | rules %s | batch %d global, "
                "%d per process, %d tokens/step | peak %.1f TFLOP/s | malloc %s",

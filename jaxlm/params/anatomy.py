@@ -22,14 +22,17 @@ KIND_OF_NAME = {"kernel": "weight", "bias": "bias", "embedding": "embedding",
                 "scale": "norm scale"}
 
 PARAM_FORMULA = (
-    "V·D + p·T·D [wte, wpe] + N·(2·D [norm scales] + D·(H+2G)·K + H·K·D + m·D·F [kernels] "
-    "+ b·((H+2G)·K + D + (m-1)·F + D) + b·l·2·D [biases]) + D + b·l·D [ln_f] + (untied: D·V); "
-    "p = 1 for learned positions (0 for rope), m = 2 for gelu (3 for swiglu), "
-    "l = 1 for layernorm (0 for rmsnorm, which has no shift)")
+    "V·D + p·T·D [wte, wpe] + N·(2·D + q·2·K [norm scales] + D·(H+2G)·K + H·K·D + m·D·F "
+    "[kernels] + b·((H+2G)·K + D + (m-1)·F + D) + b·l·2·D [biases]) + D + b·l·D [ln_f] + "
+    "(untied: D·V); p = 1 for learned positions (0 for rope), m = 2 for gelu and relu2 (3 for "
+    "swiglu), l = 1 for layernorm (0 for rmsnorm, which has no shift), q = 1 with "
+    "model.qk_norm (a [K] scale each for queries and keys)")
 FLOPS_CONVENTION = (
     "6·N + 12·n_layer·d_model·block_size (forward + backward; N = parameters in matmuls, i.e. "
     "all but the position embeddings, a tied embedding counted once, as nanoGPT's "
-    "estimate_mfu; the second term is the attention scores and weighted values)")
+    "estimate_mfu; the second term is the attention scores and weighted values; with "
+    "model.attention_window, n_layer·block_size becomes the sum over layers of "
+    "min(window, block_size))")
 
 
 
@@ -88,7 +91,8 @@ def formula_param_counts(mcfg: model_lib.ModelConfig) -> dict[str, int]:
 
   Letters: V vocab, T block_size, D d_model, N n_layer, H heads, G kv heads, K head dim,
   F d_ff, b = 1 with biases else 0, p = 1 with a learned position table, m = matrices in the
-  MLP (2 for gelu, 3 for swiglu), l = 1 when the norms are LayerNorms (RMSNorm has no shift).
+  MLP (2 for gelu and relu2, 3 for swiglu), l = 1 when the norms are LayerNorms (RMSNorm has
+  no shift), q = 1 with model.qk_norm (its query and key scales, [K] each, per block).
   """
   V, T, D, N = mcfg.vocab_size, mcfg.block_size, mcfg.d_model, mcfg.n_layer
   H, G, K, F = mcfg.n_head, mcfg.kv_heads, mcfg.head_dim, mcfg.ff_dim
@@ -96,13 +100,14 @@ def formula_param_counts(mcfg: model_lib.ModelConfig) -> dict[str, int]:
   p = int(mcfg.position == "learned")
   m = 3 if mcfg.mlp == "swiglu" else 2
   ln = int(mcfg.norm == "layernorm")
+  q = int(mcfg.qk_norm)
   qkv = (H + 2 * G) * K  # Query heads plus one key and one value per kv head.
   counts = {
       "weight": N * (D * qkv + H * K * D + m * D * F) + (0 if mcfg.tie_embeddings else D * V),
       # Per block: q/k/v, attention out, fc (and gate), proj, and the shifts of the two norms.
       "bias": b * (N * (qkv + D + (m - 1) * F + D + ln * 2 * D) + ln * D),
       "embedding": V * D + p * T * D,
-      "norm scale": N * 2 * D + D,
+      "norm scale": N * (2 * D + q * 2 * K) + D,
   }
   counts["total"] = sum(counts.values())
   return counts

@@ -21,6 +21,7 @@ from jaxlm.params import anatomy, cost
 # training does with the parameters, not how many there are or what a step costs).
 SIZE_HYPERPARAMETERS = (
     "model.family", "model.norm", "model.position", "model.mlp",
+    "model.qk_norm", "model.attention_window",  # Norm scales; attention FLOPs.
     "model.n_layer", "model.n_head", "model.n_kv_head", "model.d_model", "model.d_ff",
     "model.block_size", "model.vocab_size", "model.bias", "model.tie_embeddings", "model.dtype",
     "model.param_dtype", "model.remat", "model.scan_layers", "optim.name", "train.batch_size",
@@ -118,7 +119,9 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
                       "per device; XLA's temporaries may not fit in what is left")
 
   # --- Compute ---------------------------------------------------------------------------------
-  flops_token = metrics.flops_per_token(n_matmul, mcfg.n_layer, mcfg.d_model, mcfg.block_size)
+  flops_token = metrics.flops_per_token(n_matmul, mcfg.n_layer, mcfg.d_model, mcfg.block_size,
+                                        mcfg.layer_windows)
+  attended = metrics.attended_keys(mcfg.n_layer, mcfg.block_size, mcfg.layer_windows)
   tokens_per_step = cfg.train.batch_size * mcfg.block_size
   flops_step = flops_token * tokens_per_step
   step_time = (flops_step / (n_devices * peak_tflops * 1e12 * mfu)) if peak_tflops else None
@@ -162,6 +165,7 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
       },
       "compute": {
           "flops_per_token": flops_token, "convention": anatomy.FLOPS_CONVENTION,
+          "attended_keys": attended,
           "tokens_per_step": tokens_per_step, "flops_per_step": flops_step,
           "device": device or None, "peak_tflops_per_device": peak_tflops or None,
           "mfu": mfu, "step_time_sec": step_time,

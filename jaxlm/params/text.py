@@ -105,8 +105,12 @@ def format_config_text(report: dict[str, Any]) -> str:
   out.append("")
 
   out.append("Compute")
+  attention = f"{hp['model.n_layer']}·{hp['model.d_model']}·{hp['model.block_size']}"
+  if comp["attended_keys"] != hp["model.n_layer"] * hp["model.block_size"]:
+    # Sliding windows: the keys of each layer, summed (metrics.attended_keys).
+    attention = f"{hp['model.d_model']}·{comp['attended_keys']}"
   out.append(f"  FLOPs per token  {comp['flops_per_token']:.4g} = 6·{p['matmul']:,} + "
-             f"12·{hp['model.n_layer']}·{hp['model.d_model']}·{hp['model.block_size']}")
+             f"12·{attention}")
   out.append(f"                   convention: {comp['convention']}")
   out.append(f"  tokens per step  {comp['tokens_per_step']:,} (train.batch_size "
              f"{hp['train.batch_size']} x block_size {hp['model.block_size']})")
