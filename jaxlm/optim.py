@@ -122,6 +122,17 @@ def lr_at(opt_cfg: ml_collections.ConfigDict, total_steps: int, optimizer: str,
   return np.asarray(jax.vmap(schedule)(jnp.asarray(steps) + offset), np.float64)
 
 
+def lr_curves(opt_cfg: ml_collections.ConfigDict, total_steps: int,
+              groups: list[tuple[str, str, float]],
+              points: int = 1000) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+  """{group: (steps, lr)} at up to `points` steps of a run: each (name, optimizer, lr_mult)."""
+  steps = np.unique(np.linspace(0, max(total_steps - 1, 0), points).round().astype(np.int64))
+  total = max(total_steps, 1)
+  return {f"{name} ({optimizer}, x{lr_mult:g})": (steps, lr_at(opt_cfg, total, optimizer,
+                                                               lr_mult, steps))
+          for name, optimizer, lr_mult in groups}
+
+
 # --- Parameters and their roles -------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
