@@ -342,8 +342,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   final = {}
   if cfg.train.eval_every and step == 0:
     eval_params = training.params_for_eval(state)
-    final = run_eval(training, eval_params, eval_batches, dataset.aliases(), step, writer,
-                     suite)
+    final = run_eval(training, eval_params, eval_batches, dataset.aliases(), step, writer, suite)
     samples.write(step, eval_params)
   stop = StopRequest()
   last_saved, stopped_early = latest, False
@@ -367,8 +366,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         samples.write(step, eval_params)
       every = cfg.checkpoint.every
       if done or stopping or (every and step % every == 0):
-        save(ckpt, training, state, step, ckpt_meta,
-             final["val/loss"] if evaluated else None)
+        save(ckpt, training, state, step, ckpt_meta, final["val/loss"] if evaluated else None)
         last_saved = step
       if evaluated or last_saved == step:
         step_log.restart_clock(step)
