@@ -8,8 +8,9 @@ mesh fsdp=N, rules fsdp, so parameters and optimizer state are sharded along emb
 builds configs/shakespeare_char.py with optim.name adamw and then muon (the recipe: muon on
 the blocks' matrices, adamw on the rest), side by side in the same process. Each compiles one
 train step, counts the collectives in its compiled HLO (jitted.lower(...).compile().as_text())
-with the bytes they move, runs `warmup` steps, then times `steps` steps one by one and reports
-the median as ms/step and tokens/s. Prints a markdown table and writes results.jsonl here.
+with the bytes they move (split into the model's forward/backward pass and the update), runs
+`warmup` steps, then times `steps` steps one by one and reports the median as ms/step and
+tokens/s. Prints a markdown table and writes results.jsonl here.
 """
 
 from __future__ import annotations
@@ -34,16 +35,25 @@ SHAPE = re.compile(r"(f32|bf16|f16|s32|u32|pred|s8|u8)\[([\d,]*)\]")
 BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "pred": 1, "s8": 1, "u8": 1}
 
 
-def collectives(hlo: str) -> dict[str, dict[str, int]]:
-  """{op: {"count": n, "bytes": bytes of their results}} over the compiled module's text."""
-  out = {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
-  for result, op, _ in INSTRUCTION.findall(hlo):
-    out[op]["count"] += 1
+def collectives(hlo: str) -> dict[str, dict[str, dict[str, int]]]:
+  """{part: {op: {"count": n, "bytes": bytes of their results}}} over the compiled module's
+  text; part "model" = the forward and backward pass (an op_name inside DecoderLM), "update" =
+  everything else: gradient clipping and the optimizer (Newton-Schulz for muon)."""
+  out = {part: {op: {"count": 0, "bytes": 0} for op in COLLECTIVES}
+         for part in ("model", "update")}
+  for line in hlo.splitlines():
+    match = INSTRUCTION.search(line)
+    if not match:
+      continue
+    result, op = match.group(1), match.group(2)
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    part = "model" if op_name and "DecoderLM" in op_name.group(1) else "update"
+    out[part][op]["count"] += 1
     for dtype, dims in SHAPE.findall(result):
       n = 1
       for d in filter(None, dims.split(",")):
         n *= int(d)
-      out[op]["bytes"] += n * BYTES[dtype]
+      out[part][op]["bytes"] += n * BYTES[dtype]
   return out
 
 
@@ -95,17 +105,22 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def table(rows: list[dict]) -> str:
+  """Collectives as model + update (see `collectives`); MiB = the results' bytes per step."""
   lines = ["| devices | optimizer | ms/step (median) | tokens/s | compile s | all-gather | "
-           "all-reduce | reduce-scatter | other collectives | collective MiB/step |",
-           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "all-reduce | other collectives | collective MiB/step |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+  def split(c: dict, ops: tuple[str, ...]) -> str:
+    return " + ".join(str(sum(c[part][op]["count"] for op in ops)) for part in c)
+
+  def mib(c: dict) -> str:
+    return " + ".join(f"{sum(v['bytes'] for v in c[part].values()) / 2**20:.1f}" for part in c)
+
+  other = ("reduce-scatter", "all-to-all", "collective-permute")
   for r in rows:
     c = r["collectives"]
-    other = sum(c[op]["count"] for op in ("all-to-all", "collective-permute"))
-    mib = sum(v["bytes"] for v in c.values()) / 2**20
     lines.append(f"| {r['devices']} | {r['optimizer']} | {r['ms_per_step']:.1f} | "
-                 f"{r['tokens_per_s']:,} | {r['compile_s']:.1f} | {c['all-gather']['count']} | "
-                 f"{c['all-reduce']['count']} | {c['reduce-scatter']['count']} | {other} | "
-                 f"{mib:.2f} |")
+                 f"{r['tokens_per_s']:,} | {r['compile_s']:.1f} | {split(c, ('all-gather',))} | "
+                 f"{split(c, ('all-reduce',))} | {split(c, other)} | {mib(c)} |")
   return "\n".join(lines)
 
 
