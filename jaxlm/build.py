@@ -37,12 +37,18 @@ class ShardedTraining:
   # (state, K stacked batches, rng) -> (state, metrics of shape [K]); donates `state`.
   steps: Callable[..., tuple[step_lib.TrainState, dict[str, jax.Array]]]
   eval: Callable[..., dict[str, jax.Array]]  # (params, N stacked batches) -> summed loss, tokens.
+  # state -> the params to evaluate, sample from and save as "params" (optim.eval_params);
+  # None when they are state.params (no schedule-free optimizer).
+  eval_params: Callable[[step_lib.TrainState], PyTree] | None = None
+
+  def params_for_eval(self, state: step_lib.TrainState) -> PyTree:
+    return state.params if self.eval_params is None else self.eval_params(state)
 
 
 def make_sharded_training(model: model_lib.DecoderLM, tx: optax.GradientTransformation,
                           mesh: jax.sharding.Mesh, rules: sharding.Rules, *,
                           grad_accum: int = 1, z_loss: float = 0.0,
-                          layer_stats: int = 0) -> ShardedTraining:
+                          layer_stats: int = 0, schedule_free: bool = False) -> ShardedTraining:
   """eval_shape -> logical specs -> NamedShardings -> jit with explicit shardings and donation."""
   init_fn = functools.partial(step_lib.init_boxed_state, model=model, tx=tx)
   abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
@@ -64,7 +70,10 @@ def make_sharded_training(model: model_lib.DecoderLM, tx: optax.GradientTransfor
                     out_shardings=(state_shardings, replicated), donate_argnums=(0,)),
       eval=jax.jit(functools.partial(evaluate.eval_steps, model=model),
                    in_shardings=(state_shardings.params, stacked_sharding),
-                   out_shardings=replicated))
+                   out_shardings=replicated),
+      eval_params=jax.jit(lambda state: optim.eval_params(state.opt_state, state.params),
+                          in_shardings=(state_shardings,),
+                          out_shardings=state_shardings.params) if schedule_free else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,16 +82,24 @@ class Recipe:
   mcfg: model_lib.ModelConfig
   model: model_lib.DecoderLM
   tx: optax.GradientTransformation
-  schedule: optax.Schedule
+  schedule: optax.Schedule  # optim.schedule at lr_mult 1; each group's lr is a multiple of it.
+  groups: tuple[optim.Group, ...]  # () = optim.name on every tensor.
+  schedule_free: bool  # Some group evaluates on other params than it trains (optim.eval_params).
 
 
 def make_recipe(cfg: ml_collections.ConfigDict, vocab_size: int) -> Recipe:
+  """The model and its optimizer; the parameter groups are checked against the model here."""
   mcfg = config_lib.model_config(cfg, vocab_size)
+  model = model_lib.make_model(mcfg)
   # optax schedules need at least one step; a run of train.steps = 0 never takes one anyway.
   total_steps = max(cfg.train.steps, 1)
-  return Recipe(mcfg=mcfg, model=model_lib.make_model(mcfg),
-                tx=optim.make_optimizer(cfg.optim, total_steps),
-                schedule=optim.make_schedule(cfg.optim, total_steps))
+  # Shapes and logical axes only: the groups' roles and muon's matrix axes come from them.
+  boxed = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
+  return Recipe(mcfg=mcfg, model=model,
+                tx=optim.make_optimizer(cfg.optim, total_steps, boxed),
+                schedule=optim.make_schedule(cfg.optim, total_steps),
+                groups=optim.resolve_groups(cfg.optim, boxed),
+                schedule_free=optim.uses_schedule_free(cfg.optim))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +136,7 @@ def build(cfg: ml_collections.ConfigDict, vocab_size: int) -> Setup:
   init_rng, dropout_rng = step_lib.init_rngs(cfg.seed, cfg.train.dropout_rng)
   training = make_sharded_training(recipe.model, recipe.tx, mesh, rules,
                                    grad_accum=cfg.train.grad_accum, z_loss=cfg.train.z_loss,
-                                   layer_stats=cfg.train.log_params_every)
+                                   layer_stats=cfg.train.log_params_every,
+                                   schedule_free=recipe.schedule_free)
   return Setup(recipe=recipe, mesh=mesh, rules=rules, training=training, init_rng=init_rng,
                dropout_rng=dropout_rng)

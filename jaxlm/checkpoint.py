@@ -1,10 +1,12 @@
 """Thin wrapper over orbax's CheckpointManager: async, atomic saves of named pytrees plus JSON.
 
 A checkpoint at step s is a directory `checkpoints/<s>/` holding one item per pytree (here
-`params` and `opt_state`) and a `meta` JSON item (step, val loss, config, tokenizer), so a
-checkpoint describes itself. Orbax writes each save into a temporary directory and renames
-it only once complete, so an interrupted save is never listed, never restored, and removed
-on the next start. Kept: the latest `keep` checkpoints plus the best one by validation loss.
+`params` and `opt_state`, plus `train_params` for a schedule-free optimizer, whose trained
+iterate differs from the `params` it is evaluated with) and a `meta` JSON item (step, val
+loss, config, tokenizer), so a checkpoint describes itself. Orbax writes each save into a
+temporary directory and renames it only once complete, so an interrupted save is never
+listed, never restored, and removed on the next start. Kept: the latest `keep` checkpoints
+plus the best one by validation loss.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class Checkpointer:
   """Saves and restores `{name: pytree}` items plus a JSON `meta` dict at integer steps."""
 
   def __init__(self, directory: str | os.PathLike, *,
-               items: tuple[str, ...] = ("params", "opt_state"), keep: int = 3,
+               items: tuple[str, ...] = ("params", "opt_state", "train_params"),
+               keep: int = 3,
                keep_best: bool = True, read_only: bool = False):
     # A local path or gs:// URL; orbax writes arrays to gs:// through tensorstore's GCS driver
     # and, there, marks a finished save with a commit file instead of renaming its directory.

@@ -130,11 +130,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                      f"expected {' or '.join(scorer_lib.TRUNCATIONS)}")
   for name in task_lib.parse_list(t.get("eval_tasks", "")):
     task_lib.load(name)  # Unknown names, missing fields, labels out of range: one line each.
-  if cfg.optim.name not in optim.OPTIMIZERS:
-    raise JaxlmError(f"unknown optim.name={cfg.optim.name!r}: expected one of "
-                     f"{', '.join(optim.OPTIMIZERS)}")
-  if cfg.optim.lr < 0 or cfg.optim.min_lr < 0 or cfg.optim.warmup_steps < 0:
-    raise JaxlmError("optim.lr, optim.min_lr and optim.warmup_steps must be >= 0")
+  # Names, ranges and the groups' keys; which tensors each group takes is checked against
+  # the model's params in build.make_recipe (still before anything compiles).
+  optim.check_config(cfg.optim)
   sharding.get_rules(cfg.mesh.rules)
   wandb_sink.check(cfg)  # A missing wandb is an error now, not after compiling.
 

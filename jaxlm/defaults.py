@@ -18,6 +18,24 @@ def source(path: str = "", *, weight: float = 1.0, val_path: str = "", kind: str
                                         text_field=text_field))
 
 
+def group(*, match: str = "", roles: str = "", optimizer: str = "adamw", lr_mult: float = 1.0,
+          weight_decay: float | None = None) -> ml_collections.ConfigDict:
+  """One entry of optim.groups, every key present so that --config.optim.groups.NAME.KEY=V can
+  override any of them.
+
+  A group takes the parameters that have one of its `roles` (comma-separated: matrices =
+  kernels in the blocks, embeddings, head = an untied output head, norms = norm scales,
+  biases = biases and LayerNorm shifts) and whose path (e.g. "h_0/attn/query/kernel") the
+  regex `match` finds; give one or both. `lr_mult` scales the shared schedule; `weight_decay`
+  None = optim.weight_decay on the group's kernels and embeddings, a number = that decay on
+  every tensor of the group.
+  """
+  return ml_collections.ConfigDict(dict(
+      match=match, roles=roles, optimizer=optimizer, lr_mult=float(lr_mult),
+      weight_decay=config_dict.placeholder(float) if weight_decay is None
+      else config_dict.FieldReference(float(weight_decay), field_type=float)))
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0  # Seeds parameter init, the data order and dropout (each via its own stream).
@@ -111,15 +129,46 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.attention_window = ""
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adamw"  # adamw | lion | sgd
+  # adamw | lion | sgd (momentum b1) | adafactor (factored second moments, no momentum; lr is
+  # an absolute step size as for adamw) | muon (the recipe: Newton-Schulz-orthogonalized
+  # momentum on the hidden matrices, adamw on everything else; see muon_*) |
+  # schedule_free_adamw (Defazio et al. 2024: warmup then constant lr whatever
+  # optim.schedule says; evaluation, samples and checkpoints use its averaged params). All are
+  # optax's (jaxlm/optim.py).
+  c.optim.name = "adamw"
   c.optim.lr = 6e-4  # Peak learning rate, reached after warmup.
-  c.optim.min_lr = 6e-5  # Cosine decay ends here at train.steps.
-  c.optim.warmup_steps = 2000
-  c.optim.b1 = 0.9
+  c.optim.min_lr = 6e-5  # The cosine, linear and wsd decays end here at train.steps.
+  c.optim.warmup_steps = 2000  # Linear warmup from 0, for every schedule.
+  # After warmup: cosine | linear (decay to min_lr at train.steps) | constant (lr to the end) |
+  # wsd (warmup-stable-decay: lr, then a decay over the last decay_fraction of the steps).
+  # `jaxlm params --config C --plot_lr lr.png` draws it, per group.
+  c.optim.schedule = "cosine"
+  c.optim.decay_fraction = 0.2  # wsd: the share of train.steps spent decaying, in [0, 1].
+  # wsd: linear | cosine | sqrt (1 - sqrt(progress): MiniCPM, arXiv:2404.06395; Hägele et al.,
+  # arXiv:2405.18392, which finds it matches or beats cosine).
+  c.optim.decay_shape = "sqrt"
+  c.optim.b1 = 0.9  # adamw, lion, sgd (momentum; 0 = none); schedule-free's interpolation.
   c.optim.b2 = 0.95
   c.optim.eps = 1e-8
-  c.optim.weight_decay = 0.1  # Decoupled; kernels and embeddings only.
-  c.optim.grad_clip = 1.0  # Clip by global norm; 0 = off.
+  # Decoupled (lr * weight_decay * p per step); kernels and embeddings only, never biases or
+  # norm scales (a group with its own weight_decay decays all of its tensors).
+  c.optim.weight_decay = 0.1
+  c.optim.grad_clip = 1.0  # Clip by global norm, over all groups at once; 0 = off.
+  c.optim.muon_beta = 0.95  # Muon's (Nesterov) momentum.
+  # Muon's updates are scaled to this RMS (Liu et al., arXiv:2502.16982: 0.2 is an AdamW
+  # update's), so muon takes adamw's lr and weight decay as they are; 0 = Jordan's
+  # sqrt(max(1, fan_out / fan_in)) scaling, which wants lr ~0.02 and a small muon_adam_lr_mult.
+  c.optim.muon_rms = 0.2
+  # optim.name = muon without groups: the lr_mult of the adamw part (embeddings, head, norms,
+  # biases). 1 because muon_rms already puts both parts on adamw's lr scale.
+  c.optim.muon_adam_lr_mult = 1.0
+  # Parameter groups: named groups, each with its own optimizer, lr multiplier (on the one
+  # schedule) and weight decay; make one with defaults.group(...). Empty = one optimizer
+  # (optim.name) for every tensor. Otherwise every parameter must be in exactly one group, and
+  # optim.name is unused. E.g. (muon on the blocks' matrices, adamw on the rest):
+  #   c.optim.groups.hidden = defaults.group(roles="matrices", optimizer="muon")
+  #   c.optim.groups.rest = defaults.group(roles="embeddings,head,norms,biases")
+  c.optim.groups = ml_collections.ConfigDict()
 
   c.train = ml_collections.ConfigDict()
   c.train.steps = 600_000

@@ -89,9 +89,21 @@ def logical_shardings(boxed_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
 
   A dimension that the mesh axes would not split evenly (say a 65-symbol vocab over 4
   tensor-parallel devices) is replicated instead, with one warning naming what was affected.
+  Leaves without a box (step counts), and boxes whose names do not fit their value's rank
+  (optax's adafactor keeps a parameter's box on its factored row/column moments), are
+  replicated. The tree is mapped leaf by leaf (not through flax's PartitionSpec trees, which
+  take optax's empty MaskedNode tuples of a multi_transform state for specs).
   """
-  specs = nn.get_partition_spec(boxed_tree)
-  shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+  def leaf_sharding(leaf: Any) -> Any:
+    if isinstance(leaf, nn.Partitioned):
+      if not hasattr(leaf.value, "shape"):
+        return leaf.value  # A masked-out MaskedNode: no array, nothing to shard.
+      if len(leaf.names) == len(leaf.value.shape):
+        return NamedSharding(mesh, nn.logical_to_mesh_axes(leaf.names, rules))
+    return NamedSharding(mesh, PartitionSpec())
+
+  shardings = jax.tree.map(leaf_sharding, boxed_tree,
+                           is_leaf=lambda x: isinstance(x, nn.Partitioned))
   # Keyed by parameter name: a parameter's optimizer moments share its name, shape and axes,
   # so each replicated dimension is named once (a dict as an ordered set).
   replicated_dims: dict[str, None] = {}
@@ -101,6 +113,9 @@ def logical_shardings(boxed_tree: PyTree, mesh: Mesh, rules: Rules) -> PyTree:
     for i, axis in enumerate(spec):
       size = split_ways(axis, mesh.shape)
       if size > 1 and value.shape[i] % size:
+        if value.shape[i] == 1:  # E.g. adafactor's placeholder moments: nothing to split.
+          spec[i] = None
+          continue
         replicated_dims[f"{model_lib.path_name(path)}[{i}]={value.shape[i]}"] = None
         spec[i] = None
     return NamedSharding(mesh, PartitionSpec(*spec))

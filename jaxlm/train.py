@@ -23,7 +23,7 @@ from jaxlm import build as build_lib
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
-from jaxlm import evaluate, metrics, runs, sample, sharding, tokenizers, wandb_sink
+from jaxlm import evaluate, metrics, optim, runs, sample, sharding, tokenizers, wandb_sink
 from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.corpus import batches as batches_lib
@@ -102,10 +102,13 @@ def restore_or_init(setup: build_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
   target = setup.training.abstract_state
   if latest is not None:
     t0 = time.perf_counter()
-    restored = ckpt.restore(latest, {"params": target.params, "opt_state": target.opt_state})
+    # A schedule-free run saves its evaluation params as "params" and the iterate it trains
+    # as "train_params" (see `save`); training resumes from the latter.
+    name = "train_params" if setup.recipe.schedule_free else "params"
+    restored = ckpt.restore(latest, {name: target.params, "opt_state": target.opt_state})
     step = jax.device_put(jnp.asarray(latest, jnp.int32), setup.training.state_shardings.step)
     logging.info("resumed from checkpoint at step %d (%.2fs)", latest, time.perf_counter() - t0)
-    return TrainState(step=step, params=restored["params"], opt_state=restored["opt_state"])
+    return TrainState(step=step, params=restored[name], opt_state=restored["opt_state"])
   state = setup.training.init(setup.init_rng)
   if init_from:
     params, _ = runs.restore_params(init_from, target.params)
@@ -203,6 +206,10 @@ class StepLog:
                writer: metrics.MetricsWriter, step: int):
     mcfg = setup.mcfg
     self.cfg, self.schedule, self.writer = cfg, setup.recipe.schedule, writer
+    # Metric name -> (optimizer, lr_mult): each group's own lr besides the shared "lr".
+    self.group_lrs = {f"lr/{g.name}": (g.optimizer, g.lr_mult) for g in setup.recipe.groups}
+    if not setup.recipe.groups and cfg.optim.name in optim.SCHEDULE_FREE:
+      self.group_lrs["lr"] = (cfg.optim.name, 1.0)
     self.tokens_per_step = cfg.train.batch_size * mcfg.block_size
     self.flops_per_token = metrics.flops_per_token(model_lib.matmul_params(params),
                                                    mcfg.n_layer, mcfg.d_model, mcfg.block_size,
@@ -235,6 +242,10 @@ class StepLog:
     tokens_per_sec = self.tokens_per_step / sec_per_step
     mfu = self.flops_per_token * tokens_per_sec / self.peak_flops
     lr = float(self.schedule(step - 1))
+    total = max(self.cfg.train.steps, 1)
+    lrs = {name: float(optim.lr_at(self.cfg.optim, total, opt, mult, np.asarray([step - 1]))[0])
+           for name, (opt, mult) in self.group_lrs.items()}
+    lr = lrs.get("lr", lr)
     every = self.cfg.train.log_params_every
     layer_record = ({k: v[-1] for k, v in jax.device_get(self.layer_stats).items()}
                     if every and step % every == 0 else {})
@@ -242,7 +253,8 @@ class StepLog:
                              "grad_norm": float(fetched[-1]["grad_norm"][-1]),
                              "param_norm": float(fetched[-1]["param_norm"][-1]),
                              "tokens_per_sec": tokens_per_sec,
-                             "ms_per_step": 1e3 * sec_per_step, "mfu": mfu, **layer_record})
+                             "ms_per_step": 1e3 * sec_per_step, "mfu": mfu, **lrs,
+                             **layer_record})
     total = self.cfg.train.steps
     logging.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s | %.1f ms/step | MFU %.1f%% "
                  "| ETA %s", step, total, loss, lr, f"{tokens_per_sec:,.0f}",
@@ -250,11 +262,15 @@ class StepLog:
                  metrics.format_duration((total - step) * sec_per_step))
 
 
-def save(ckpt: checkpoint_lib.Checkpointer, state: TrainState, step: int,
-         meta: dict[str, Any], val_loss: float | None) -> None:
+def save(ckpt: checkpoint_lib.Checkpointer, training: build_lib.ShardedTraining,
+         state: TrainState, step: int, meta: dict[str, Any], val_loss: float | None) -> None:
+  """"params" are what evaluation sees (every reader of a checkpoint loads them: eval, sample,
+  convert, init_from); a schedule-free run adds the iterate it trains as "train_params"."""
   t0 = time.perf_counter()
-  ckpt.save(step, {"params": state.params, "opt_state": state.opt_state}, meta,
-            val_loss=val_loss)
+  items = {"params": training.params_for_eval(state), "opt_state": state.opt_state}
+  if training.eval_params is not None:
+    items["train_params"] = state.params
+  ckpt.save(step, items, meta, val_loss=val_loss)
   logging.info("saving checkpoint at step %d (async; %.2fs blocking)", step,
                time.perf_counter() - t0)
 
@@ -272,6 +288,8 @@ def log_setup(cfg: ml_collections.ConfigDict, setup: build_lib.Setup,
                f"{n_matmul:,}", metrics.flops_per_token(n_matmul, mcfg.n_layer, mcfg.d_model,
                                                         mcfg.block_size, mcfg.layer_windows),
                mcfg.n_layer, mcfg.d_model, mcfg.n_head, mcfg.block_size)
+  for line in optim.describe(cfg.optim, setup.recipe.groups, params):
+    logging.info("optimizer group %s", line)
   logging.info("devices: %d x %s on %d process(es) | mesh %s | rules %s | batch %d global, "
                "%d per process, %d tokens/step | peak %.1f TFLOP/s | malloc %s",
                jax.device_count(), jax.devices()[0].device_kind, n_proc,
@@ -324,9 +342,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   final = {}
   if cfg.train.eval_every and step == 0:
-    final = run_eval(training, state.params, eval_batches, dataset.aliases(), step, writer,
-                     suite)
-    samples.write(step, state.params)
+    eval_params = training.params_for_eval(state)
+    final = run_eval(training, eval_params, eval_batches, dataset.aliases(), step, writer, suite)
+    samples.write(step, eval_params)
   stop = StopRequest()
   last_saved, stopped_early = latest, False
   try:
@@ -343,12 +361,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         step_log.flush(step)
       evaluated = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or done)
       if evaluated:
-        final = run_eval(training, state.params, eval_batches, dataset.aliases(), step,
+        eval_params = training.params_for_eval(state)
+        final = run_eval(training, eval_params, eval_batches, dataset.aliases(), step,
                          writer, suite)
-        samples.write(step, state.params)
+        samples.write(step, eval_params)
       every = cfg.checkpoint.every
       if done or stopping or (every and step % every == 0):
-        save(ckpt, state, step, ckpt_meta, final["val/loss"] if evaluated else None)
+        save(ckpt, training, state, step, ckpt_meta, final["val/loss"] if evaluated else None)
         last_saved = step
       if evaluated or last_saved == step:
         step_log.restart_clock(step)
@@ -356,7 +375,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         stopped_early = not done
         break
     if last_saved != step:
-      save(ckpt, state, step, ckpt_meta, None)  # E.g. train.steps = 0: still a checkpoint.
+      save(ckpt, training, state, step, ckpt_meta, None)  # E.g. train.steps = 0: still one.
   except BaseException:
     writer.close(failed=True)
     raise
@@ -368,7 +387,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   logging.info("checkpoints finished writing in %.2fs", time.perf_counter() - t0)
   with writer:  # Open until the wall-time record, so that every sink (W&B too) gets it.
     if not stopped_early:
-      samples.write(step, state.params)
+      samples.write(step, training.params_for_eval(state))
     wall = time.perf_counter() - t_start
     writer.write(step, {"wall_time_sec": wall})
   if stopped_early:

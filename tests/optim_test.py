@@ -15,6 +15,9 @@ from jaxlm import defaults, optim
 from jaxlm import model as model_lib
 from jaxlm.errors import JaxlmError
 
+# The optimizers that existed before groups; their references and closed forms are below.
+CLASSIC = ("adamw", "lion", "sgd")
+
 
 def opt_config(**overrides):
   cfg = defaults.base_config().optim
@@ -136,7 +139,7 @@ def run(tx, params, loss, steps):
   return trajectory
 
 
-@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+@pytest.mark.parametrize("name", CLASSIC)
 def test_optimizer_follows_the_optax_reference_and_lowers_the_loss(name):
   lr = {"adamw": 0.05, "lion": 0.05, "sgd": 0.02}[name]
   cfg = opt_config(name=name, lr=lr, min_lr=lr / 4, warmup_steps=2, weight_decay=0.1,
@@ -153,7 +156,7 @@ def test_optimizer_follows_the_optax_reference_and_lowers_the_loss(name):
   jax.tree.map(np.testing.assert_array_equal, got[0], params)
 
 
-@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+@pytest.mark.parametrize("name", CLASSIC)
 def test_first_update_equals_its_closed_form(name):
   """Step 0 without warmup runs at the peak lr; each optimizer's first step in numpy."""
   lr, wd = 0.1, 0.3
@@ -230,7 +233,7 @@ def test_decay_mask_of_boxed_model_params_matches_the_unboxed_one():
   assert len(decayed) == 2 + 2 * 5  # wte, wpe; per block q, kv, out, fc, proj kernels.
 
 
-@pytest.mark.parametrize("name", optim.OPTIMIZERS)
+@pytest.mark.parametrize("name", CLASSIC)
 def test_weight_decay_shrinks_only_masked_params(name):
   """With zero gradients the whole update is decoupled decay: -lr * wd * p on masked leaves."""
   lr, wd = 0.1, 0.5
@@ -320,3 +323,117 @@ def test_schedule_warms_up_then_decays_to_min_lr():
   assert math.isclose(float(sched(100)), 1e-3, rel_tol=1e-6)
   assert math.isclose(float(sched(2000)), 1e-4, rel_tol=1e-6)
   assert float(sched(1000)) < 1e-3
+
+
+# --- Schedules: linear, constant, wsd ------------------------------------------------------------
+
+def sched_values(total=100, **overrides):
+  cfg = opt_config(lr=1e-3, min_lr=1e-4, warmup_steps=10, **overrides)
+  sched = optim.make_schedule(cfg, total)
+  return lambda step: float(sched(step))
+
+
+def test_linear_and_constant_schedules_equal_their_formulas():
+  linear = sched_values(schedule="linear")
+  constant = sched_values(schedule="constant")
+  for step in (0, 5, 10, 30, 55, 99, 100, 150):
+    warm = 1e-3 * step / 10
+    lin = 1e-3 + (1e-4 - 1e-3) * min(step - 10, 90) / 90 if step >= 10 else warm
+    assert math.isclose(linear(step), lin, rel_tol=1e-5, abs_tol=1e-12), step
+    assert math.isclose(constant(step), warm if step < 10 else 1e-3, rel_tol=1e-6), step
+
+
+WSD_SHAPES = {"linear": lambda p: 1 - p, "cosine": lambda p: 0.5 * (1 + math.cos(math.pi * p)),
+              "sqrt": lambda p: 1 - math.sqrt(p)}
+
+
+@pytest.mark.parametrize("shape", optim.DECAY_SHAPES)
+def test_wsd_warms_up_holds_lr_then_decays_over_the_last_fraction(shape):
+  """100 steps, warmup 10, decay_fraction 0.2: lr on [10, 80], then the shape down to min_lr."""
+  wsd = sched_values(schedule="wsd", decay_fraction=0.2, decay_shape=shape)
+  assert wsd(0) == 0.0 and math.isclose(wsd(5), 5e-4, rel_tol=1e-6)
+  for step in (10, 11, 40, 79, 80):  # Stable, up to and including the decay's start.
+    assert math.isclose(wsd(step), 1e-3, rel_tol=1e-6), step
+  for step in (85, 90, 95, 99):
+    want = 1e-4 + (1e-3 - 1e-4) * WSD_SHAPES[shape]((step - 80) / 20)
+    assert math.isclose(wsd(step), want, rel_tol=1e-5), step
+  assert math.isclose(wsd(100), 1e-4, rel_tol=1e-5) and math.isclose(wsd(500), 1e-4, rel_tol=1e-5)
+  # Halfway through the decay: linear and cosine are at the midpoint, 1 - sqrt is lower.
+  mid = {"linear": 5.5e-4, "cosine": 5.5e-4, "sqrt": 1e-4 + 9e-4 * (1 - math.sqrt(0.5))}[shape]
+  assert math.isclose(wsd(90), mid, rel_tol=1e-5)
+
+
+def test_wsd_decay_fraction_edges():
+  never = sched_values(schedule="wsd", decay_fraction=0.0)
+  assert all(math.isclose(never(s), 1e-3, rel_tol=1e-6) for s in (10, 50, 99))
+  # All of it: the decay takes every step after warmup (it never eats into the warmup).
+  whole = sched_values(schedule="wsd", decay_fraction=1.0, decay_shape="linear")
+  linear = sched_values(schedule="linear")
+  for step in (0, 5, 10, 40, 99, 100):
+    assert math.isclose(whole(step), linear(step), rel_tol=1e-5, abs_tol=1e-12), step
+
+
+def test_schedule_free_takes_warmup_then_constant_whatever_the_schedule():
+  cfg = opt_config(lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="cosine")
+  lr = optim.lr_at(cfg, 100, "schedule_free_adamw", 0.5, np.arange(100))
+  # optax's schedule_free counts from 1: update s runs at schedule(s + 1).
+  np.testing.assert_allclose(lr, 0.5 * np.minimum(np.arange(1, 101) / 10, 1.0) * 1e-3, rtol=1e-6)
+  adamw = optim.lr_at(cfg, 100, "adamw", 2.0, np.arange(100))
+  sched = optim.make_schedule(cfg, 100)
+  np.testing.assert_allclose(adamw, [2 * float(sched(s)) for s in range(100)], rtol=1e-6)
+
+
+# --- The new optimizers are optax's ---------------------------------------------------------------
+
+def test_schedule_free_adamw_is_optax_schedule_free_adamw_plus_the_decay_mask():
+  params, loss, mask = quadratic_problem(seed=4)
+  cfg = opt_config(lr=0.05, b1=0.9, b2=0.99, eps=1e-8)
+  sched = optax.warmup_constant_schedule(0.0, 0.05, 3)
+  # Decay on every tensor: exactly optax's schedule_free_adamw.
+  ours = optim._optimizer("schedule_free_adamw", cfg, sched, 0.1, None)
+  ref = optax.contrib.schedule_free_adamw(sched, b1=0.9, b2=0.99, eps=1e-8, weight_decay=0.1)
+  for g, w in zip(run(ours, params, loss, 6), run(ref, params, loss, 6), strict=True):
+    jax.tree.map(np.testing.assert_array_equal, g, w)
+  # With the mask, biases and scales follow the same rule without decay.
+  no_decay = optax.contrib.schedule_free_adamw(sched, b1=0.9, b2=0.99, eps=1e-8)
+  masked = run(optim._optimizer("schedule_free_adamw", cfg, sched, 0.1, mask), params, loss, 6)
+  undecayed = run(no_decay, params, loss, 6)
+  np.testing.assert_array_equal(masked[-1]["dense"]["bias"], undecayed[-1]["dense"]["bias"])
+  assert not np.array_equal(masked[-1]["dense"]["kernel"], undecayed[-1]["dense"]["kernel"])
+
+
+def test_muon_group_is_optax_muon_on_matrices():
+  """A muon group on 2-D kernels is optax.contrib.muon with its default 2-D dimension rule."""
+  rng = np.random.default_rng(5)
+  params = {"a": {"kernel": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32)},
+            "b": {"kernel": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32)}}
+  target = jax.tree.map(lambda x: x + 1.0, params)
+  loss = lambda p: sum(jnp.sum((x - t) ** 2) for x, t in zip(jax.tree.leaves(p),
+                                                              jax.tree.leaves(target), strict=True))
+  cfg = opt_config(name="muon", lr=0.02, min_lr=0.02, warmup_steps=0, grad_clip=0.0,
+                   weight_decay=0.1)
+  ours = optim.make_optimizer(cfg, 10, params)
+  sched = optim.make_schedule(cfg, 10)
+  ref = optax.contrib.muon(sched, beta=cfg.muon_beta, weight_decay=0.1,
+                           weight_decay_mask=optim.decay_mask, consistent_rms=cfg.muon_rms)
+  for g, w in zip(run(ours, params, loss, 4), run(ref, params, loss, 4), strict=True):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), g, w)
+
+
+def test_muon_dimension_numbers_follow_the_logical_axes():
+  dims = lambda shape, names: tuple(optim.muon_dimension_numbers(optim.Param("x", shape, names)))
+  E, L = "embed", "layers"
+  assert dims((32, 4, 8), (E, "heads", "head_dim")) == ((0,), (1, 2))  # query: D -> H x K.
+  assert dims((4, 8, 32), ("heads", "head_dim", E)) == ((0, 1), (2,))  # out: H x K -> D.
+  assert dims((32, 2, 4, 8), (E, None, "kv_heads", "head_dim")) == ((0,), (2, 3))  # k, v apart.
+  assert dims((2, 128, 32), (L, "mlp", E)) == ((1,), (2,))  # scan_layers: one matrix per layer.
+  assert dims((16, 32), (None, E)) == ((0,), (1,))  # An unnamed axis of a 2-D table stays.
+  assert dims((6, 4, 2), None) == ((0,), (1, 2))  # No names: DenseGeneral's layout.
+
+
+@pytest.mark.parametrize("name", ["adafactor", "schedule_free_adamw"])
+def test_new_optimizers_lower_the_quadratic_loss(name):
+  cfg = opt_config(name=name, lr=0.05, min_lr=0.05, warmup_steps=2, grad_clip=0.0)
+  params, loss, _ = quadratic_problem(seed=6)
+  trajectory = run(optim.make_optimizer(cfg, 30), params, loss, 30)
+  assert float(loss(trajectory[-1])) < 0.7 * float(loss(params))

@@ -36,6 +36,7 @@ from jaxlm.params.text import (
     format_run_text,
     format_seconds,
     plot_drift,
+    plot_lr,
 )
 
 __all__ = [
@@ -43,5 +44,6 @@ __all__ = [
     "SIZE_HYPERPARAMETERS", "Tensor", "activation_bytes_per_token", "config_report", "count_by",
     "count_by_layer", "drift_report", "format_bytes", "format_config_text", "format_run_text",
     "format_seconds", "formula_block_params", "formula_param_counts", "initial_params",
-    "layer_sort_key", "plot_drift", "run_report", "shard_elements", "state_bytes", "tensors",
+    "layer_sort_key", "plot_drift", "plot_lr", "run_report", "shard_elements", "state_bytes",
+    "tensors",
 ]

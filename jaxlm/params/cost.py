@@ -38,9 +38,13 @@ def state_bytes(tree: PyTree, rules: sharding.Rules,
   total = per_device = 0
   for leaf in jax.tree.leaves(tree, is_leaf=anatomy.is_box):
     value = leaf.value if anatomy.is_box(leaf) else leaf
+    if not hasattr(value, "shape"):
+      continue  # A multi_transform state's MaskedNode: another group's tensor, no array.
     itemsize = np.dtype(value.dtype).itemsize
     total += math.prod(value.shape) * itemsize
-    names = tuple(leaf.names) if anatomy.is_box(leaf) else None
+    # Boxes whose names do not fit the rank (adafactor's factored moments) are replicated.
+    names = (tuple(leaf.names) if anatomy.is_box(leaf) and len(leaf.names) == len(value.shape)
+             else None)
     per_device += shard_elements(tuple(value.shape), names, rules, mesh_sizes) * itemsize
   return total, per_device
 

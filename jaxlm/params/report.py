@@ -28,7 +28,8 @@ SIZE_HYPERPARAMETERS = (
     "train.grad_accum", "train.steps",
     "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.rules")
 OTHER_HYPERPARAMETERS = (
-    "seed", "model.dropout", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.b1",
+    "seed", "model.dropout", "optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.schedule",
+    "optim.decay_fraction", "optim.decay_shape", "optim.b1",
     "optim.b2", "optim.weight_decay", "optim.grad_clip", "sample.temperature", "sample.top_k",
     "sample.top_p")
 
@@ -70,6 +71,16 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
       functools.partial(step_lib.init_boxed_state, model=recipe.model, tx=recipe.tx),
       jax.random.key(0))
   rows = anatomy.tensors(abstract_state.params)
+  # Which optimizer group trains each tensor; "all" when optim.name trains every one.
+  group_of = {p.path: g.name for g in recipe.groups for p in g.params}
+  if recipe.groups:
+    groups = [{"name": g.name, "optimizer": g.optimizer, "lr_mult": g.lr_mult,
+               "weight_decay": g.decay_text(cfg.optim.weight_decay), "tensors": len(g.params),
+               "params": g.n_params} for g in recipe.groups]
+  else:
+    groups = [{"name": "all", "optimizer": cfg.optim.name, "lr_mult": 1.0,
+               "weight_decay": f"{cfg.optim.weight_decay:g} (kernels, embeddings)",
+               "tensors": len(rows), "params": sum(t.count for t in rows)}]
   total = sum(t.count for t in rows)
   formula = anatomy.formula_param_counts(mcfg)
   counted = anatomy.count_by(rows, "kind")
@@ -135,9 +146,10 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
       "other_hyperparameters": {k: _lookup(cfg, k) for k in OTHER_HYPERPARAMETERS},
       "vocab_source": vocab_source,
       "tensors": [{"path": t.path, "shape": list(t.shape), "dtype": t.dtype, "count": t.count,
-                   "kind": t.kind, "layer": t.layer,
+                   "kind": t.kind, "layer": t.layer, "group": group_of.get(t.path, "all"),
                    "logical_axes": None if t.logical_axes is None else list(t.logical_axes)}
                   for t in rows],
+      "optimizer_groups": groups,
       "params": {
           "total": total, "by_kind": by_kind,
           "by_layer": anatomy.count_by_layer(rows),

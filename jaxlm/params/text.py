@@ -58,10 +58,18 @@ def format_config_text(report: dict[str, Any]) -> str:
   out.append("Parameters: learned; they start random and training moves them "
              f"({len(report['tensors'])} tensors)")
   out += _table(
-      ("path", "shape", "dtype", "count", "kind", "logical axes"),
+      ("path", "shape", "dtype", "count", "kind", "logical axes", "group"),
       [(t["path"], " x ".join(map(str, t["shape"])), t["dtype"], f"{t['count']:,}", t["kind"],
-        ", ".join(str(a) for a in t["logical_axes"]) if t["logical_axes"] else "-")
+        ", ".join(str(a) for a in t["logical_axes"]) if t["logical_axes"] else "-", t["group"])
        for t in report["tensors"]], right={3})
+  out.append("")
+
+  out.append("Optimizer groups: each trains its tensors (the group column above) on the shared "
+             "schedule times lr_mult")
+  out += _table(("group", "optimizer", "lr_mult", "weight decay", "tensors", "params"),
+                [(g["name"], g["optimizer"], f"{g['lr_mult']:g}", g["weight_decay"],
+                  g["tensors"], f"{g['params']:,}") for g in report["optimizer_groups"]],
+                right={2, 4, 5})
   out.append("")
 
   out.append("By kind")
@@ -189,6 +197,32 @@ def plot_drift(report: dict[str, Any], path: str) -> None:
   for ax in (ax_drift, ax_rms):
     ax.set_xticks(x)
     ax.set_xticklabels(layers, rotation=60, ha="right")
+  fig.tight_layout()
+  try:
+    fig.savefig(path, dpi=120)
+  except OSError as e:
+    raise JaxlmError(f"cannot write the plot {path!r}: {e.strerror}") from None
+  finally:
+    plt.close(fig)
+
+
+def plot_lr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title: str) -> None:
+  """PNG of the learning rate over training: one line per group, {name: (steps, lr)}."""
+  try:
+    import matplotlib
+  except ImportError:
+    raise JaxlmError("--plot_lr needs matplotlib: pip install matplotlib") from None
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(8, 4))
+  for name, (steps, lr) in curves.items():
+    ax.plot(steps, lr, label=name)
+  ax.set_xlabel("step")
+  ax.set_ylabel("learning rate (lr x lr_mult)")
+  ax.set_title(title)
+  ax.legend()
+  ax.grid(alpha=0.3)
   fig.tight_layout()
   try:
     fig.savefig(path, dpi=120)
