@@ -94,7 +94,8 @@ def make_recipe(cfg: ml_collections.ConfigDict, vocab_size: int) -> Recipe:
   # optax schedules need at least one step; a run of train.steps = 0 never takes one anyway.
   total_steps = max(cfg.train.steps, 1)
   # Shapes and logical axes only: the groups' roles and muon's matrix axes come from them.
-  boxed = jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
+  boxed = (jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
+           if optim.uses_groups(cfg.optim) else None)
   return Recipe(mcfg=mcfg, model=model,
                 tx=optim.make_optimizer(cfg.optim, total_steps, boxed),
                 schedule=optim.make_schedule(cfg.optim, total_steps),

@@ -145,7 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.schedule = "cosine"
   c.optim.decay_fraction = 0.2  # wsd: the share of train.steps spent decaying, in [0, 1].
   # wsd: linear | cosine | sqrt (1 - sqrt(progress): MiniCPM, arXiv:2404.06395; Hägele et al.,
-  # arXiv:2405.18392, which finds it matches or beats cosine).
+  # arXiv:2405.18392, where a 1 - sqrt cooldown matches a full cosine schedule).
   c.optim.decay_shape = "sqrt"
   c.optim.b1 = 0.9  # adamw, lion, sgd (momentum; 0 = none); schedule-free's interpolation.
   c.optim.b2 = 0.95

@@ -198,6 +198,11 @@ def _describe(g: ml_collections.ConfigDict) -> str:
   return ", ".join(f"{k}={g[k]!r}" for k in ("match", "roles") if g[k])
 
 
+def uses_groups(opt_cfg: ml_collections.ConfigDict) -> bool:
+  """Whether the optimizer is built from groups (and so needs the model's params)."""
+  return bool(opt_cfg.groups) or opt_cfg.name == "muon"
+
+
 def resolve_groups(opt_cfg: ml_collections.ConfigDict, params: PyTree) -> tuple[Group, ...]:
   """The groups of `params` (boxed or abstract: the logical axes name muon's matrix axes).
 
@@ -208,10 +213,10 @@ def resolve_groups(opt_cfg: ml_collections.ConfigDict, params: PyTree) -> tuple[
   tensor that is not a matrix.
   """
   check_config(opt_cfg)
+  if not uses_groups(opt_cfg):
+    return ()
   tensors = params_of(params)
   if not opt_cfg.groups:
-    if opt_cfg.name != "muon":
-      return ()
     groups = [
         Group("muon", "muon", 1.0, None, tuple(p for p in tensors if p.role == "matrices")),
         Group("adamw", "adamw", float(opt_cfg.muon_adam_lr_mult), None,
@@ -301,7 +306,7 @@ def make_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int,
   optimizer takes every tensor and needs no params.
   """
   check_config(opt_cfg)
-  if not opt_cfg.groups and opt_cfg.name != "muon":
+  if not uses_groups(opt_cfg):
     opt = _optimizer(opt_cfg.name, opt_cfg, make_schedule(opt_cfg, total_steps),
                      opt_cfg.weight_decay, decay_mask)
   else:
