@@ -197,13 +197,7 @@ def plot_drift(report: dict[str, Any], path: str) -> None:
   for ax in (ax_drift, ax_rms):
     ax.set_xticks(x)
     ax.set_xticklabels(layers, rotation=60, ha="right")
-  fig.tight_layout()
-  try:
-    fig.savefig(path, dpi=120)
-  except OSError as e:
-    raise JaxlmError(f"cannot write the plot {path!r}: {e.strerror}") from None
-  finally:
-    plt.close(fig)
+  save_figure(fig, path)
 
 
 def plot_lr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title: str) -> None:
@@ -223,6 +217,12 @@ def plot_lr(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: str, title: 
   ax.set_title(title)
   ax.legend()
   ax.grid(alpha=0.3)
+  save_figure(fig, path)
+
+
+def save_figure(fig, path: str) -> None:
+  """Writes a figure as PNG and closes it; an unwritable path is a one-line error."""
+  import matplotlib.pyplot as plt
   fig.tight_layout()
   try:
     fig.savefig(path, dpi=120)
