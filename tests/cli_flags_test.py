@@ -25,7 +25,7 @@ OWN = {
     "sweep": ["config", "workdir", "parallel", "summarize", "worker", "storage", "n_trials"],
     "bench": ["config", "steps", "json_out", "profile", "sampling"],
     "params": ["config", "workdir", "step", "format", "device", "peak_tflops",
-               "device_memory_gb", "mfu", "num_devices", "plot"],
+               "device_memory_gb", "mfu", "num_devices", "plot", "plot_lr"],
     "convert": ["workdir", "from_hf", "to_hf", "out"],
     "launch": ["num_processes", "devices_per_process", "timeout", "init_timeout",
                "heartbeat_timeout", "coordinator", "process_ids"],
