@@ -1,0 +1,78 @@
+"""Issue 23: nothing saved is ever lost, and numbers are never silently wrong.
+
+Diverged runs stop before they save a non-finite state and never displace the best checkpoint;
+a refused resume changes nothing in the workdir; out-of-range optimizer and checkpoint values
+are one-line errors before anything compiles.
+"""
+
+import math
+import os
+import re
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+
+from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import runs, train
+from jaxlm.errors import JaxlmError
+
+
+# --- 1. Divergence: a NaN is never saved and never becomes the best ------------------------------
+def test_a_nan_val_loss_never_displaces_the_best_checkpoint(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"), keep=2)
+  params = {"w": jnp.ones((2, 3))}
+  for step, val_loss in [(1, 2.0), (2, math.nan), (3, math.inf), (4, None), (5, None)]:
+    ckpt.save(step, {"params": params}, {}, val_loss=val_loss)
+  ckpt.wait()
+  assert ckpt.all_steps() == [1, 4, 5]  # The latest two, and 1: the best, NaN counting as worst.
+  assert ckpt.best_step() == 1
+  ckpt.close()
+
+
+def test_save_refuses_a_non_finite_state(tmp_path):
+  ckpt = checkpoint_lib.Checkpointer(str(tmp_path / "c"))
+  training = types.SimpleNamespace(params_for_eval=lambda s: s.params, eval_params=None)
+  state = types.SimpleNamespace(params={"w": jnp.array([1.0, jnp.nan])},
+                                opt_state={"count": jnp.int32(3)})
+  with pytest.raises(JaxlmError, match="diverged at step 7: the params or optimizer state "
+                     "hold a NaN.*the last checkpoint, step 5, is kept"):
+    train.save(ckpt, training, state, 7, {}, None, 5)
+  ckpt.wait()
+  assert ckpt.all_steps() == []
+  ckpt.close()
+
+
+def diverging_smoke(**train_overrides):
+  """The smoke model with lr 100 and no clipping: NaN after about 10 steps, worse from step 3."""
+  cfg = load_config("smoke")
+  cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.grad_clip = 100.0, 30, 0.0
+  cfg.train.log_every, cfg.checkpoint.every, cfg.train.eval_every = 10, 3, 3
+  for key, value in train_overrides.items():
+    cfg.train[key] = value
+  return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("steps_per_call", [1, 3])
+def test_a_diverged_run_stops_at_its_first_nan_and_keeps_only_finite_checkpoints(
+    tmp_path, steps_per_call):
+  # Logs every 10 steps but saves and evaluates every 3: the NaN must be caught before a save
+  # (with 1 step per call the first NaN is a training loss; with 3, an evaluation's).
+  workdir = str(tmp_path / "run")
+  with pytest.raises(JaxlmError, match=r"training diverged at step \d+: (eval val/)?loss is "
+                     r"nan; the last checkpoint, step \d+, is kept") as e:
+    train.train_and_evaluate(diverging_smoke(steps_per_call=steps_per_call), workdir)
+  first_nan, kept = map(int, re.search(r"step (\d+):.*step (\d+),", str(e.value)).groups())
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), read_only=True)
+  steps = ckpt.all_steps()
+  assert steps[-1] == kept < first_nan
+  assert ckpt.best_step() == 3 and 3 in steps  # Val loss only rises after step 3.
+  for step in steps:
+    assert math.isfinite(ckpt.meta(step)["val_loss"])
+    params = runs.load_run(workdir, step).params
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  ckpt.close()
