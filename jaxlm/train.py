@@ -36,10 +36,14 @@ from jaxlm.tasks import suite as suite_lib
 SAMPLE_RNG_STREAM = 3  # samples.txt at step s uses fold_in(fold_in(key(seed), 3), s).
 
 
-def check_resumable(workdir: str, resolved: dict[str, Any]) -> None:
-  """Refuses to continue a run whose saved model hyperparameters differ from `resolved`."""
+def check_resumable(workdir: str, resolved: dict[str, Any], latest: int | None) -> None:
+  """Refuses to continue a run whose saved model hyperparameters differ from `resolved`.
+
+  Only a workdir with a checkpoint holds a run: a config.json without one is from an attempt
+  that never saved, and the next attempt may change anything.
+  """
   root = workdir_lib.path(workdir)
-  if not (root / "config.json").exists() or not (root / "checkpoints").is_dir():
+  if latest is None or not (root / "config.json").exists():
     return
   saved = json.loads(workdir_lib.read_text(root / "config.json"))
   for key, value in resolved["model"].items():
@@ -355,13 +359,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   samples = SampleLog(cfg, setup.model, dataset.tokenizer, root / "samples.txt")
   suite = make_suite(cfg, setup, dataset.tokenizer)
 
-  # --- Restore or init; nothing in the workdir changes before the run is known to be resumable.
+  # --- Restore or init. Nothing in the workdir changes before the run is known to proceed
+  # (restored and compiled): a refused resume leaves config.json describing the saved run.
   resolved = config_lib.resolved_dict(cfg, setup.mcfg)
-  check_resumable(workdir, resolved)
   ckpt, latest = open_checkpoints(workdir, cfg.checkpoint.keep)
-  if is_main:
-    tokenizers.save(dataset.tokenizer, root / "tokenizer.json")
-    workdir_lib.write_text(root / "config.json", json.dumps(resolved, indent=2, sort_keys=True))
+  check_resumable(workdir, resolved, latest)
   ckpt_meta = {"config": resolved, "tokenizer": dataset.tokenizer.to_json()}
   state = restore_or_init(setup, ckpt, latest, cfg.train.init_from)
   log_setup(cfg, setup, dataset, state.params)
@@ -376,6 +378,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                f" ({per_call} steps per call)" if per_call > 1 else "",
                time.perf_counter() - t0)
   eval_batches = batches.eval(cfg.train.eval_steps)
+  if is_main:  # The first writes to the workdir (the writer's files and W&B's id come next).
+    tokenizers.save(dataset.tokenizer, root / "tokenizer.json")
+    workdir_lib.write_text(root / "config.json", json.dumps(resolved, indent=2, sort_keys=True))
   writer = metrics.MetricsWriter(workdir, enabled=is_main,
                                  wandb=wandb_sink.settings(cfg, workdir, resolved))
   step_log = StepLog(cfg, setup, state.params, writer, step)

@@ -76,3 +76,36 @@ def test_a_diverged_run_stops_at_its_first_nan_and_keeps_only_finite_checkpoints
     params = runs.load_run(workdir, step).params
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
   ckpt.close()
+
+
+# --- 2. A refused resume changes nothing ---------------------------------------------------------
+def snapshot(workdir):
+  """{relative path: bytes} of every file under `workdir`."""
+  out = {}
+  for root, _, files in os.walk(workdir):
+    for f in files:
+      p = os.path.join(root, f)
+      with open(p, "rb") as fh:
+        out[os.path.relpath(p, workdir)] = fh.read()
+  return out
+
+
+@pytest.mark.slow
+def test_a_refused_or_failed_start_leaves_the_workdir_as_it_was(tmp_path):
+  workdir = str(tmp_path / "run")
+  # A first attempt that fails before it trains leaves no config.json to refuse the next one.
+  cfg = load_config("smoke")
+  cfg.model.n_layer, cfg.train.init_from = 3, str(tmp_path / "no_such_run")
+  with pytest.raises(JaxlmError, match="no_such_run"):
+    train.train_and_evaluate(cfg, workdir)
+  assert "config.json" not in snapshot(workdir)
+  cfg = load_config("smoke")
+  cfg.train.steps, cfg.train.eval_every = 5, 0
+  train.train_and_evaluate(cfg, workdir)  # Another n_layer than the failed attempt: not refused.
+
+  # An optimizer whose state does not match the checkpoint's: refused, and nothing changed.
+  before = snapshot(workdir)
+  cfg.optim.name = "sgd"
+  with pytest.raises(JaxlmError, match="does not match this model's opt_state"):
+    train.train_and_evaluate(cfg, workdir)
+  assert snapshot(workdir) == before
