@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_config
+from conftest import CONFIGS, assert_one_line_error, load_config, run_jaxlm
 
 from jaxlm import checkpoint as checkpoint_lib
+from jaxlm import config as config_lib
 from jaxlm import runs, train
 from jaxlm.errors import JaxlmError
 
@@ -109,3 +110,57 @@ def test_a_refused_or_failed_start_leaves_the_workdir_as_it_was(tmp_path):
   with pytest.raises(JaxlmError, match="does not match this model's opt_state"):
     train.train_and_evaluate(cfg, workdir)
   assert snapshot(workdir) == before
+
+
+# --- 3. Out-of-range numbers are one-line errors before anything compiles -----------------------
+@pytest.mark.parametrize("key, value, message", [
+    ("optim.b1", 1.5, "optim.b1=1.5 must be in [0, 1)"),
+    ("optim.b2", 1.0, "optim.b2=1.0 must be in [0, 1)"),
+    ("optim.b1", -0.1, "optim.b1=-0.1 must be in [0, 1)"),
+    ("optim.muon_beta", 1.0, "optim.muon_beta=1.0 must be in [0, 1)"),
+    ("optim.weight_decay", -5.0, "optim.weight_decay=-5.0 must be >= 0"),
+    ("optim.eps", -1.0, "optim.eps=-1.0 must be > 0"),
+    ("optim.eps", 0.0, "optim.eps=0.0 must be > 0"),
+    ("optim.lr", math.nan, "optim.lr=nan must be >= 0"),
+    ("optim.lr", math.inf, "optim.lr=inf must be >= 0"),
+    ("optim.min_lr", 1.0, "optim.min_lr=1.0 is above optim.lr=0.003"),
+    ("optim.grad_clip", -1.0, "optim.grad_clip=-1.0 must be >= 0"),
+    ("train.z_loss", -1.0, "train.z_loss=-1.0 must be >= 0"),
+    ("checkpoint.every", -5, "checkpoint.every=-5 must be >= 0"),
+    ("checkpoint.keep", 0, "checkpoint.keep=0 must be >= 1"),
+])
+def test_out_of_range_values_are_refused(key, value, message):
+  cfg = load_config("smoke")
+  section, name = key.split(".")
+  cfg[section][name] = value
+  with pytest.raises(JaxlmError, match=re.escape(message)):
+    config_lib.validate_config(cfg)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"optim.b1": 0.0},  # sgd without momentum.
+    {"optim.name": "sgd", "optim.b1": 0.0},
+    {"optim.schedule": "constant", "optim.lr": 1e-5},  # Below the default min_lr: unused.
+    {"optim.name": "schedule_free_adamw", "optim.lr": 1e-5},  # Always constant.
+    {"optim.lr": 0.0, "optim.min_lr": 0.0, "optim.grad_clip": 0.0, "checkpoint.every": 0},
+])
+def test_edge_values_that_mean_something_are_accepted(overrides):
+  cfg = load_config("smoke")
+  for key, value in overrides.items():
+    section, name = key.split(".")
+    cfg[section][name] = value
+  config_lib.validate_config(cfg)
+
+
+def test_warmup_longer_than_the_run_is_a_warning(caplog):
+  cfg = load_config("smoke")
+  cfg.optim.warmup_steps = 100  # smoke trains 30 steps.
+  with caplog.at_level("WARNING"):
+    config_lib.validate_config(cfg)
+  assert "optim.warmup_steps=100 is more than train.steps=30" in caplog.text
+
+
+def test_a_nan_lr_is_one_line_error_from_the_cli():
+  proc = run_jaxlm("train", "--config", os.path.join(CONFIGS, "smoke.py"), "--workdir",
+                   "/nonexistent/never-created", "--config.optim.lr=nan")
+  assert_one_line_error(proc, "optim.lr=nan must be >= 0")
