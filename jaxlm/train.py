@@ -126,6 +126,11 @@ def restore_or_init(setup: build_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
     # as "train_params" (see `save`); training resumes from the latter.
     name = "train_params" if setup.recipe.schedule_free else "params"
     restored = ckpt.restore(latest, {name: target.params, "opt_state": target.opt_state})
+    if not bool(all_finite({k: restored[k] for k in (name, "opt_state")})):
+      # Only a jaxlm from before issue 23 saved diverged states; resuming would only diverge.
+      raise JaxlmError(f"checkpoint {ckpt.directory}/{latest} holds NaN or infinite values (a "
+                       "diverged run); move that step's directory aside to resume from the "
+                       "one before it")
     step = jax.device_put(jnp.asarray(latest, jnp.int32), setup.training.state_shardings.step)
     logging.info("resumed from checkpoint at step %d (%.2fs)", latest, time.perf_counter() - t0)
     return TrainState(step=step, params=restored[name], opt_state=restored["opt_state"])

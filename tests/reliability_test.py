@@ -5,6 +5,7 @@ a refused resume changes nothing in the workdir; out-of-range optimizer and chec
 are one-line errors before anything compiles.
 """
 
+import json
 import math
 import os
 import re
@@ -111,6 +112,19 @@ def test_a_refused_or_failed_start_leaves_the_workdir_as_it_was(tmp_path):
     train.train_and_evaluate(cfg, workdir)
   assert snapshot(workdir) == before
 
+  # A diverged checkpoint (as an older jaxlm saved them): refused, not resumed from.
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"))
+  saved = ckpt._manager.restore(5)  # Every item as it was saved (host arrays, no targets).
+  nan_params = jax.tree.map(lambda x: np.full_like(x, np.nan), saved["params"])
+  ckpt.save(6, {"params": nan_params, "opt_state": saved["opt_state"]}, dict(saved["meta"]))
+  ckpt.wait()
+  ckpt.close()
+  before = snapshot(workdir)
+  cfg.optim.name = "adamw"
+  with pytest.raises(JaxlmError, match="checkpoints/6 holds NaN or infinite values"):
+    train.train_and_evaluate(cfg, workdir)
+  assert snapshot(workdir) == before
+
 
 # --- 3. Out-of-range numbers are one-line errors before anything compiles -----------------------
 @pytest.mark.parametrize("key, value, message", [
@@ -164,3 +178,15 @@ def test_a_nan_lr_is_one_line_error_from_the_cli():
   proc = run_jaxlm("train", "--config", os.path.join(CONFIGS, "smoke.py"), "--workdir",
                    "/nonexistent/never-created", "--config.optim.lr=nan")
   assert_one_line_error(proc, "optim.lr=nan must be >= 0")
+
+
+# --- Next to 1: NaNs that older runs saved -------------------------------------------------------
+def test_a_sweep_never_ranks_a_nan_trial_first(tmp_path):
+  from jaxlm.sweep import report, state
+  for name, vals in [("a", [4.0, math.nan]), ("b", [3.0, 2.5]), ("c", [math.nan])]:
+    state.write_state(str(tmp_path / name), {"name": name, "status": "done", "overrides": {}})
+    with open(tmp_path / name / "metrics.jsonl", "w") as f:
+      f.writelines(json.dumps({"step": i, "val/loss": v}) + "\n" for i, v in enumerate(vals))
+  rows = report.collect(str(tmp_path))
+  assert [r["trial"] for r in rows] == ["b", "a", "c"]
+  assert [r["best_val_loss"] for r in rows] == [2.5, 4.0, None]
