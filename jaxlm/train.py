@@ -268,7 +268,8 @@ class StepLog:
     return (self.first + 1 + int(bad[0]), float(losses[bad[0]])) if bad.size else None
 
   def flush(self, step: int) -> None:
-    fetched = jax.device_get(self.pending)  # The only host sync on a training step.
+    # With first_nonfinite just before it, the only host sync of a training step.
+    fetched = jax.device_get(self.pending)
     self.pending, self.first = [], step
     now = time.perf_counter()
     sec_per_step = (now - self.t) / (step - self.step)
