@@ -307,7 +307,7 @@ def check_eval(results: dict[str, float], step: int, last_saved: int | None) -> 
 
 def save(ckpt: checkpoint_lib.Checkpointer, training: build_lib.ShardedTraining,
          state: TrainState, step: int, meta: dict[str, Any], val_loss: float | None,
-         last_saved: int | None) -> None:
+         last_saved: int | None = None) -> None:
   """"params" are what evaluation sees (every reader of a checkpoint loads them: eval, sample,
   convert, init_from); a schedule-free run adds the iterate it trains as "train_params".
 
