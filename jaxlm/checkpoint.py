@@ -11,6 +11,7 @@ plus the best one by validation loss.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -45,9 +46,11 @@ class Checkpointer:
     policies = [ocp_policies.LatestN(n=max(keep, 1))]
     if keep_best:
       # BestN keeps the last n after sorting; reverse=True sorts descending, so it keeps the
-      # lowest validation loss.
-      policies.append(ocp_policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True,
-                                         n=1, keep_checkpoints_without_metrics=False))
+      # lowest validation loss. A NaN would sort anywhere (every comparison with it is
+      # false) and could displace the best, so a non-finite loss counts as the worst.
+      policies.append(ocp_policies.BestN(get_metric_fn=lambda m: _finite_or_inf(m["val_loss"]),
+                                         reverse=True, n=1,
+                                         keep_checkpoints_without_metrics=False))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp_policies.AnyPreservationPolicy(policies),
         enable_async_checkpointing=True, create=not read_only, read_only=read_only,
@@ -69,9 +72,10 @@ class Checkpointer:
     return steps[-1] if steps else None
 
   def best_step(self) -> int | None:
-    """The step with the lowest recorded validation loss (None if no checkpoint has one)."""
+    """The step with the lowest finite validation loss (None if no checkpoint has one)."""
     scored = [(self.meta(s).get("val_loss"), s) for s in self.all_steps()]
-    scored = [(v, s) for v, s in scored if v is not None]
+    # A NaN or infinite loss (saved by an older jaxlm, which kept diverged states) is no best.
+    scored = [(v, s) for v, s in scored if v is not None and math.isfinite(v)]
     return min(scored)[1] if scored else None
 
   def resolve_step(self, step: int | str | None) -> int:
@@ -84,7 +88,7 @@ class Checkpointer:
     if step == "best":
       best = self.best_step()
       if best is None:
-        raise JaxlmError(f"no checkpoint in {self.directory} has a validation loss")
+        raise JaxlmError(f"no checkpoint in {self.directory} has a finite validation loss")
       return best
     if int(step) not in steps:
       raise JaxlmError(f"no checkpoint at step {step} in {self.directory}; available steps: "
@@ -144,6 +148,10 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _finite_or_inf(x: float) -> float:
+  return x if math.isfinite(x) else math.inf
 
 
 def _check_access(directory: str, *, write: bool) -> None:

@@ -6,6 +6,7 @@ Everything a command needs from an experiment config before it builds anything l
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import ml_collections
@@ -109,6 +110,20 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     raise JaxlmError(f"train.log_params_every={t.log_params_every} must be 0 (off) or a "
                      f"multiple of train.log_every={t.log_every}: the stats leave the device "
                      "only on log steps")
+  z_loss = t.get("z_loss", 0.0)
+  if not (isinstance(z_loss, int | float) and math.isfinite(z_loss) and z_loss >= 0):
+    raise JaxlmError(f"train.z_loss={z_loss} must be >= 0 (0 = off): it penalizes log Z^2")
+  if cfg.checkpoint.every < 0:
+    raise JaxlmError(f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0 = only at the "
+                     "end)")
+  if cfg.checkpoint.keep < 1:
+    raise JaxlmError(f"checkpoint.keep={cfg.checkpoint.keep} must be >= 1: a run always keeps "
+                     "its latest checkpoint, to resume from")
+  # A warning, not an error: a short debug run with a long run's warmup is legitimate (the lr
+  # just never reaches its peak), and refusing it would make every smoke override set warmup.
+  if cfg.optim.warmup_steps > t.steps > 0:
+    logging.warning("optim.warmup_steps=%d is more than train.steps=%d: the lr never reaches "
+                    "optim.lr=%g", cfg.optim.warmup_steps, t.steps, cfg.optim.lr)
   if t.batch_size % t.grad_accum:
     raise JaxlmError(f"train.batch_size={t.batch_size} is not divisible by "
                      f"train.grad_accum={t.grad_accum}")

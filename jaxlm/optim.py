@@ -153,12 +153,36 @@ def check_config(opt_cfg: ml_collections.ConfigDict) -> None:
   if opt_cfg.decay_shape not in DECAY_SHAPES:
     raise JaxlmError(f"unknown optim.decay_shape={opt_cfg.decay_shape!r}: expected one of "
                      f"{', '.join(DECAY_SHAPES)}")
-  if not 0.0 <= opt_cfg.decay_fraction <= 1.0:
-    raise JaxlmError(f"optim.decay_fraction={opt_cfg.decay_fraction} must be in [0, 1]")
-  if opt_cfg.lr < 0 or opt_cfg.min_lr < 0 or opt_cfg.warmup_steps < 0:
-    raise JaxlmError("optim.lr, optim.min_lr and optim.warmup_steps must be >= 0")
-  if opt_cfg.muon_adam_lr_mult < 0:
-    raise JaxlmError(f"optim.muon_adam_lr_mult={opt_cfg.muon_adam_lr_mult} must be >= 0")
+  # Every number is checked to be finite too: a NaN passes any comparison-based check
+  # (`nan < 0` is false), compiles, and trains to NaN.
+  in_range = {
+      "decay_fraction": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+      "lr": (lambda v: v >= 0, ">= 0"), "min_lr": (lambda v: v >= 0, ">= 0"),
+      "warmup_steps": (lambda v: v >= 0, ">= 0"),
+      "muon_adam_lr_mult": (lambda v: v >= 0, ">= 0"),
+      # Decay rates of moving averages: 1 never forgets its initial zeros; b1 = 0 is sgd
+      # without momentum (and an adamw without it).
+      "b1": (lambda v: 0 <= v < 1, "in [0, 1)"), "b2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+      "muon_beta": (lambda v: 0 <= v < 1, "in [0, 1)"),
+      # adamw's (and schedule-free adamw's) update divides by sqrt(nu) + eps: eps = 0 turns a
+      # tensor entry whose gradient is exactly 0 (an unused embedding row) into 0/0 = NaN.
+      # The other optimizers ignore eps.
+      "eps": (lambda v: v > 0, "> 0"),
+      "weight_decay": (lambda v: v >= 0, ">= 0 (negative decay grows the weights)"),
+      "grad_clip": (lambda v: v >= 0, ">= 0 (0 = off)"),
+  }
+  for key, (ok, want) in in_range.items():
+    if key in opt_cfg and not (_finite(opt_cfg[key]) and ok(opt_cfg[key])):
+      raise JaxlmError(f"optim.{key}={opt_cfg[key]} must be {want}")
+  # The decaying schedules end at min_lr, so min_lr > lr would make them rise. A constant
+  # schedule and schedule-free optimizers (which always run constant) never reach min_lr,
+  # so there it is left alone: the default min_lr must not refuse a low constant lr.
+  optimizers = ({g.optimizer for g in opt_cfg.groups.values()} if opt_cfg.groups
+                else {opt_cfg.name})
+  decays = opt_cfg.schedule != "constant" and bool(optimizers - set(SCHEDULE_FREE))
+  if decays and opt_cfg.min_lr > opt_cfg.lr:
+    raise JaxlmError(f"optim.min_lr={opt_cfg.min_lr} is above optim.lr={opt_cfg.lr}: the "
+                     f"{opt_cfg.schedule} schedule decays from lr to min_lr; lower min_lr")
   for name, g in opt_cfg.groups.items():
     where = f"optim.groups.{name}"
     if not isinstance(g, ml_collections.ConfigDict):
@@ -170,9 +194,9 @@ def check_config(opt_cfg: ml_collections.ConfigDict) -> None:
     if g.optimizer not in OPTIMIZERS:
       raise JaxlmError(f"unknown {where}.optimizer={g.optimizer!r}: expected one of "
                        f"{', '.join(OPTIMIZERS)}")
-    if g.lr_mult < 0:
+    if not (_finite(g.lr_mult) and g.lr_mult >= 0):
       raise JaxlmError(f"{where}.lr_mult={g.lr_mult} must be >= 0")
-    if g.weight_decay is not None and g.weight_decay < 0:
+    if g.weight_decay is not None and not (_finite(g.weight_decay) and g.weight_decay >= 0):
       raise JaxlmError(f"{where}.weight_decay={g.weight_decay} must be >= 0")
     bad = [r for r in _split(g.roles) if r not in ROLES]
     if bad:
@@ -185,6 +209,10 @@ def check_config(opt_cfg: ml_collections.ConfigDict) -> None:
       re.compile(g.match)
     except re.error as e:
       raise JaxlmError(f"{where}.match={g.match!r} is not a regex: {e}") from None
+
+
+def _finite(value: Any) -> bool:
+  return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _selects(g: ml_collections.ConfigDict, p: Param) -> bool:

@@ -36,10 +36,14 @@ from jaxlm.tasks import suite as suite_lib
 SAMPLE_RNG_STREAM = 3  # samples.txt at step s uses fold_in(fold_in(key(seed), 3), s).
 
 
-def check_resumable(workdir: str, resolved: dict[str, Any]) -> None:
-  """Refuses to continue a run whose saved model hyperparameters differ from `resolved`."""
+def check_resumable(workdir: str, resolved: dict[str, Any], latest: int | None) -> None:
+  """Refuses to continue a run whose saved model hyperparameters differ from `resolved`.
+
+  Only a workdir with a checkpoint holds a run: a config.json without one is from an attempt
+  that never saved, and the next attempt may change anything.
+  """
   root = workdir_lib.path(workdir)
-  if not (root / "config.json").exists() or not (root / "checkpoints").is_dir():
+  if latest is None or not (root / "config.json").exists():
     return
   saved = json.loads(workdir_lib.read_text(root / "config.json"))
   for key, value in resolved["model"].items():
@@ -85,6 +89,22 @@ class Batches:
     return out
 
 
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """True iff no float leaf of `tree` holds a NaN or an infinity: one scalar for the host."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def diverged(step: int, what: str, last_saved: int | None) -> JaxlmError:
+  """The one-line error that stops a run at its first non-finite step, saying what was kept."""
+  kept = (f"the last checkpoint, step {last_saved}, is kept (nothing after it was saved)"
+          if last_saved is not None else "no checkpoint was saved")
+  return JaxlmError(f"training diverged at step {step}: {what}; {kept}; try a lower optim.lr "
+                    "or a smaller optim.grad_clip")
+
+
 def open_checkpoints(workdir: str, keep: int) -> tuple[checkpoint_lib.Checkpointer, int | None]:
   """The run's checkpoint manager and its latest step; refuses a workdir it cannot resume."""
   ckpt = checkpoint_lib.Checkpointer(workdir_lib.path(workdir) / "checkpoints", keep=keep)
@@ -106,6 +126,11 @@ def restore_or_init(setup: build_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
     # as "train_params" (see `save`); training resumes from the latter.
     name = "train_params" if setup.recipe.schedule_free else "params"
     restored = ckpt.restore(latest, {name: target.params, "opt_state": target.opt_state})
+    if not bool(all_finite({k: restored[k] for k in (name, "opt_state")})):
+      # Only a jaxlm from before issue 23 saved diverged states; resuming would only diverge.
+      raise JaxlmError(f"checkpoint {ckpt.directory}/{latest} holds NaN or infinite values (a "
+                       "diverged run); move that step's directory aside to resume from the "
+                       "one before it")
     step = jax.device_put(jnp.asarray(latest, jnp.int32), setup.training.state_shardings.step)
     logging.info("resumed from checkpoint at step %d (%.2fs)", latest, time.perf_counter() - t0)
     return TrainState(step=step, params=restored[name], opt_state=restored["opt_state"])
@@ -216,6 +241,7 @@ class StepLog:
                                                    mcfg.layer_windows)
     self.peak_flops = metrics.peak_flops_total(mcfg.dtype)
     self.pending: list[dict[str, jax.Array]] = []
+    self.first = step  # The pending losses are those of steps first + 1, first + 2, ...
     self.layer_stats: dict[str, jax.Array] = {}
     self.restart_clock(step)
 
@@ -229,16 +255,26 @@ class StepLog:
                         if k.startswith(metrics.LAYER_STAT_PREFIXES)}
     self.pending.append(step_metrics)
 
+  def first_nonfinite(self) -> tuple[int, float] | None:
+    """(step, loss) of the first pending step whose loss is NaN or infinite, else None.
+
+    Called before any log, evaluation or save: it fetches only the pending losses (a few
+    floats, already on the device), so steps between those points stay free of host syncs.
+    """
+    if not self.pending:
+      return None
+    losses = np.concatenate(jax.device_get([m["loss"] for m in self.pending]))
+    bad = np.flatnonzero(~np.isfinite(losses))
+    return (self.first + 1 + int(bad[0]), float(losses[bad[0]])) if bad.size else None
+
   def flush(self, step: int) -> None:
-    fetched = jax.device_get(self.pending)  # The only host sync on a training step.
-    self.pending = []
+    # With first_nonfinite just before it, the only host sync of a training step.
+    fetched = jax.device_get(self.pending)
+    self.pending, self.first = [], step
     now = time.perf_counter()
     sec_per_step = (now - self.t) / (step - self.step)
     self.restart_clock(step)
     loss = float(np.mean(np.concatenate([m["loss"] for m in fetched])))
-    if not math.isfinite(loss):
-      raise JaxlmError(f"training diverged: loss is {loss} at step {step}; try a lower "
-                       "optim.lr or a smaller optim.grad_clip")
     tokens_per_sec = self.tokens_per_step / sec_per_step
     mfu = self.flops_per_token * tokens_per_sec / self.peak_flops
     lr = float(self.schedule(step - 1))
@@ -262,14 +298,28 @@ class StepLog:
                  metrics.format_duration((total - step) * sec_per_step))
 
 
+def check_eval(results: dict[str, float], step: int, last_saved: int | None) -> None:
+  """Stops the run at an evaluation whose loss is not finite, before anything is saved."""
+  for name in ("val/loss", "train/loss"):
+    if not math.isfinite(results[name]):
+      raise diverged(step, f"eval {name} is {results[name]}", last_saved)
+
+
 def save(ckpt: checkpoint_lib.Checkpointer, training: build_lib.ShardedTraining,
-         state: TrainState, step: int, meta: dict[str, Any], val_loss: float | None) -> None:
+         state: TrainState, step: int, meta: dict[str, Any], val_loss: float | None,
+         last_saved: int | None = None) -> None:
   """"params" are what evaluation sees (every reader of a checkpoint loads them: eval, sample,
-  convert, init_from); a schedule-free run adds the iterate it trains as "train_params"."""
+  convert, init_from); a schedule-free run adds the iterate it trains as "train_params".
+
+  A state with a NaN or infinity anywhere is never saved: the run stops instead (a finite
+  loss does not prove it, since the update after the last loss can overflow).
+  """
   t0 = time.perf_counter()
   items = {"params": training.params_for_eval(state), "opt_state": state.opt_state}
   if training.eval_params is not None:
     items["train_params"] = state.params
+  if not bool(all_finite(items)):
+    raise diverged(step, "the params or optimizer state hold a NaN or infinity", last_saved)
   ckpt.save(step, items, meta, val_loss=val_loss)
   logging.info("saving checkpoint at step %d (async; %.2fs blocking)", step,
                time.perf_counter() - t0)
@@ -315,13 +365,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   samples = SampleLog(cfg, setup.model, dataset.tokenizer, root / "samples.txt")
   suite = make_suite(cfg, setup, dataset.tokenizer)
 
-  # --- Restore or init; nothing in the workdir changes before the run is known to be resumable.
+  # --- Restore or init. Nothing in the workdir changes before the run is known to proceed
+  # (restored and compiled): a refused resume leaves config.json describing the saved run.
   resolved = config_lib.resolved_dict(cfg, setup.mcfg)
-  check_resumable(workdir, resolved)
   ckpt, latest = open_checkpoints(workdir, cfg.checkpoint.keep)
-  if is_main:
-    tokenizers.save(dataset.tokenizer, root / "tokenizer.json")
-    workdir_lib.write_text(root / "config.json", json.dumps(resolved, indent=2, sort_keys=True))
+  check_resumable(workdir, resolved, latest)
   ckpt_meta = {"config": resolved, "tokenizer": dataset.tokenizer.to_json()}
   state = restore_or_init(setup, ckpt, latest, cfg.train.init_from)
   log_setup(cfg, setup, dataset, state.params)
@@ -336,6 +384,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
                f" ({per_call} steps per call)" if per_call > 1 else "",
                time.perf_counter() - t0)
   eval_batches = batches.eval(cfg.train.eval_steps)
+  if is_main:  # The first writes to the workdir (the writer's files and W&B's id come next).
+    tokenizers.save(dataset.tokenizer, root / "tokenizer.json")
+    workdir_lib.write_text(root / "config.json", json.dumps(resolved, indent=2, sort_keys=True))
   writer = metrics.MetricsWriter(workdir, enabled=is_main,
                                  wandb=wandb_sink.settings(cfg, workdir, resolved))
   step_log = StepLog(cfg, setup, state.params, writer, step)
@@ -344,6 +395,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   if cfg.train.eval_every and step == 0:
     eval_params = training.params_for_eval(state)
     final = run_eval(training, eval_params, eval_batches, dataset.aliases(), step, writer, suite)
+    check_eval(final, step, latest)
     samples.write(step, eval_params)
   stop = StopRequest()
   last_saved, stopped_early = latest, False
@@ -357,25 +409,33 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       step_log.add(step_metrics)
       done = step == total_steps
       stopping = stop.should_stop(step) or step == cfg.train.stop_at
-      if step % cfg.train.log_every == 0 or done or stopping:
-        step_log.flush(step)
+      logged = step % cfg.train.log_every == 0 or done or stopping
       evaluated = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or done)
+      every = cfg.checkpoint.every
+      saving = done or stopping or (every and step % every == 0)
+      # A diverged run stops at its first non-finite loss, before it logs, evaluates or saves
+      # anything of that state, so the checkpoints it keeps are all finite.
+      if (logged or evaluated or saving) and (bad := step_log.first_nonfinite()):
+        raise diverged(bad[0], f"loss is {bad[1]}", last_saved)
+      if logged:
+        step_log.flush(step)
       if evaluated:
         eval_params = training.params_for_eval(state)
         final = run_eval(training, eval_params, eval_batches, dataset.aliases(), step,
                          writer, suite)
+        check_eval(final, step, last_saved)
         samples.write(step, eval_params)
-      every = cfg.checkpoint.every
-      if done or stopping or (every and step % every == 0):
-        save(ckpt, training, state, step, ckpt_meta, final["val/loss"] if evaluated else None)
+      if saving:
+        save(ckpt, training, state, step, ckpt_meta, final["val/loss"] if evaluated else None,
+             last_saved)
         last_saved = step
       if evaluated or last_saved == step:
         step_log.restart_clock(step)
       if stopping:
         stopped_early = not done
         break
-    if last_saved != step:
-      save(ckpt, training, state, step, ckpt_meta, None)  # E.g. train.steps = 0: still one.
+    if last_saved != step:  # E.g. train.steps = 0: still one.
+      save(ckpt, training, state, step, ckpt_meta, None, last_saved)
   except BaseException:
     writer.close(failed=True)
     raise

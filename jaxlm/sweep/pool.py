@@ -10,6 +10,7 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
+import math
 import os
 import shlex
 import signal
@@ -219,7 +220,8 @@ class Progress:
     status = state["status"]
     if status == "done":
       self.done += 1
-      if val is not None and (self.best is None or val < self.best[0]):
+      # A NaN would stick as the best: nothing compares below it.
+      if val is not None and math.isfinite(val) and (self.best is None or val < self.best[0]):
         self.best = (val, state["name"])
     elif status == "failed":
       self.failed += 1

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,7 @@ def collect(workdir: str) -> list[dict[str, Any]]:
       continue
     records = read_metrics(trial_dir)
     vals = [r[METRIC] for r in records if isinstance(r.get(METRIC), (int, float))]
+    finite = [v for v in vals if math.isfinite(v)]  # A diverged trial's NaN is never a best.
     speeds = [r["tokens_per_sec"] for r in records
               if isinstance(r.get("tokens_per_sec"), (int, float))]
     walls = [r["wall_time_sec"] for r in records if "wall_time_sec" in r]
@@ -40,7 +42,7 @@ def collect(workdir: str) -> list[dict[str, Any]]:
         "trial": state["name"], "status": state["status"], "error": state.get("error") or "",
         "overrides": state.get("overrides", {}),
         "final_val_loss": float(vals[-1]) if vals else None,
-        "best_val_loss": float(min(vals)) if vals else None,
+        "best_val_loss": float(min(finite)) if finite else None,
         "steps": max((r["step"] for r in records), default=None),
         # Median over log intervals: robust to the odd slow interval on a shared machine.
         "tokens_per_sec": float(np.median(speeds)) if speeds else None,
@@ -49,8 +51,11 @@ def collect(workdir: str) -> list[dict[str, Any]]:
   if not rows:
     raise JaxlmError(f"no trials in {workdir!r}: none of its directories has a {STATE_FILE}")
   # A pruned, interrupted or failed trial's last val loss is partial: it ranks after the others.
-  rows.sort(key=lambda r: (r["final_val_loss"] is None, r["status"] != "done",
-                           r["final_val_loss"] or 0.0, r["trial"]))
+  # A NaN one ranks with the trials that have none (NaN compares false with everything, which
+  # would leave it wherever the directory listing put it, first included).
+  ranked = lambda r: r["final_val_loss"] is not None and math.isfinite(r["final_val_loss"])
+  rows.sort(key=lambda r: (not ranked(r), r["status"] != "done",
+                           r["final_val_loss"] if ranked(r) else 0.0, r["trial"]))
   return rows
 
 
