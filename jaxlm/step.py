@@ -15,6 +15,7 @@ import optax
 
 from jaxlm import losses, metrics
 from jaxlm import model as model_lib
+from jaxlm.errors import JaxlmError
 
 PyTree = Any
 
@@ -114,3 +115,19 @@ def train_steps(state: TrainState, batches: dict[str, jax.Array], base_rng: jax.
   def body(state, batch):
     return train_step(state, batch, base_rng, **kwargs)
   return jax.lax.scan(body, state, batches)
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+  """True iff no float leaf of `tree` holds a NaN or an infinity: one scalar for the host."""
+  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def diverged(step: int, what: str, last_saved: int | None) -> JaxlmError:
+  """The one-line error that stops a run at its first non-finite step, saying what was kept."""
+  kept = (f"the last checkpoint, step {last_saved}, is kept (nothing after it was saved)"
+          if last_saved is not None else "no checkpoint was saved")
+  return JaxlmError(f"training diverged at step {step}: {what}; {kept}; try a lower optim.lr "
+                    "or a smaller optim.grad_clip")

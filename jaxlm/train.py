@@ -25,6 +25,7 @@ from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate, metrics, optim, runs, sample, sharding, tokenizers, wandb_sink
 from jaxlm import model as model_lib
+from jaxlm import step as step_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.corpus import batches as batches_lib
 from jaxlm.errors import JaxlmError
@@ -89,22 +90,6 @@ class Batches:
     return out
 
 
-@jax.jit
-def all_finite(tree: Any) -> jax.Array:
-  """True iff no float leaf of `tree` holds a NaN or an infinity: one scalar for the host."""
-  leaves = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
-
-
-def diverged(step: int, what: str, last_saved: int | None) -> JaxlmError:
-  """The one-line error that stops a run at its first non-finite step, saying what was kept."""
-  kept = (f"the last checkpoint, step {last_saved}, is kept (nothing after it was saved)"
-          if last_saved is not None else "no checkpoint was saved")
-  return JaxlmError(f"training diverged at step {step}: {what}; {kept}; try a lower optim.lr "
-                    "or a smaller optim.grad_clip")
-
-
 def open_checkpoints(workdir: str, keep: int) -> tuple[checkpoint_lib.Checkpointer, int | None]:
   """The run's checkpoint manager and its latest step; refuses a workdir it cannot resume."""
   ckpt = checkpoint_lib.Checkpointer(workdir_lib.path(workdir) / "checkpoints", keep=keep)
@@ -126,7 +111,7 @@ def restore_or_init(setup: build_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
     # as "train_params" (see `save`); training resumes from the latter.
     name = "train_params" if setup.recipe.schedule_free else "params"
     restored = ckpt.restore(latest, {name: target.params, "opt_state": target.opt_state})
-    if not bool(all_finite({k: restored[k] for k in (name, "opt_state")})):
+    if not bool(step_lib.all_finite({k: restored[k] for k in (name, "opt_state")})):
       # Only a jaxlm from before issue 23 saved diverged states; resuming would only diverge.
       raise JaxlmError(f"checkpoint {ckpt.directory}/{latest} holds NaN or infinite values (a "
                        "diverged run); move that step's directory aside to resume from the "
@@ -302,7 +287,7 @@ def check_eval(results: dict[str, float], step: int, last_saved: int | None) -> 
   """Stops the run at an evaluation whose loss is not finite, before anything is saved."""
   for name in ("val/loss", "train/loss"):
     if not math.isfinite(results[name]):
-      raise diverged(step, f"eval {name} is {results[name]}", last_saved)
+      raise step_lib.diverged(step, f"eval {name} is {results[name]}", last_saved)
 
 
 def save(ckpt: checkpoint_lib.Checkpointer, training: build_lib.ShardedTraining,
@@ -318,8 +303,9 @@ def save(ckpt: checkpoint_lib.Checkpointer, training: build_lib.ShardedTraining,
   items = {"params": training.params_for_eval(state), "opt_state": state.opt_state}
   if training.eval_params is not None:
     items["train_params"] = state.params
-  if not bool(all_finite(items)):
-    raise diverged(step, "the params or optimizer state hold a NaN or infinity", last_saved)
+  if not bool(step_lib.all_finite(items)):
+    raise step_lib.diverged(step, "the params or optimizer state hold a NaN or infinity",
+                            last_saved)
   ckpt.save(step, items, meta, val_loss=val_loss)
   logging.info("saving checkpoint at step %d (async; %.2fs blocking)", step,
                time.perf_counter() - t0)
@@ -346,6 +332,30 @@ def log_setup(cfg: ml_collections.ConfigDict, setup: build_lib.Setup,
                dict(setup.mesh.shape), cfg.mesh.rules, cfg.train.batch_size,
                cfg.train.batch_size // n_proc, cfg.train.batch_size * mcfg.block_size,
                metrics.peak_flops_total(mcfg.dtype) / 1e12, allocator.loaded())
+
+
+def compile_steps(training: build_lib.ShardedTraining, state: TrainState, batches_KxB: Any,
+                  rng: jax.Array) -> Any:
+  """The K-step train call compiled ahead of time, so errors and compile time show before the
+  loop (K = train.steps_per_call, the leading axis of `batches_KxB`)."""
+  t0 = time.perf_counter()
+  steps_fn = training.steps.lower(state, batches_KxB, rng).compile()
+  per_call = jax.tree.leaves(batches_KxB)[0].shape[0]
+  logging.info("compiled train step%s in %.2fs",
+               f" ({per_call} steps per call)" if per_call > 1 else "",
+               time.perf_counter() - t0)
+  return steps_fn
+
+
+def eval_and_sample(training: build_lib.ShardedTraining, state: TrainState, eval_batches: Any,
+                    aliases: Any, step: int, writer: metrics.MetricsWriter, suite: Any,
+                    samples: SampleLog, last_saved: int | None) -> dict[str, float]:
+  """An evaluation (a diverged one stops the run before anything is saved), then a sample."""
+  eval_params = training.params_for_eval(state)
+  results = run_eval(training, eval_params, eval_batches, aliases, step, writer, suite)
+  check_eval(results, step, last_saved)
+  samples.write(step, eval_params)
+  return results
 
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -377,12 +387,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   # --- Compile ahead of time, so errors and compile time show before the loop. Calls run
   # K = steps_per_call steps, or one step at a time up to a boundary K does not divide.
   step = int(state.step)
-  t0 = time.perf_counter()
-  steps_fn = training.steps.lower(state, batches.train(step, per_call),
-                                  setup.dropout_rng).compile()
-  logging.info("compiled train step%s in %.2fs",
-               f" ({per_call} steps per call)" if per_call > 1 else "",
-               time.perf_counter() - t0)
+  steps_fn = compile_steps(training, state, batches.train(step, per_call), setup.dropout_rng)
   eval_batches = batches.eval(cfg.train.eval_steps)
   if is_main:  # The first writes to the workdir (the writer's files and W&B's id come next).
     tokenizers.save(dataset.tokenizer, root / "tokenizer.json")
@@ -393,10 +398,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   final = {}
   if cfg.train.eval_every and step == 0:
-    eval_params = training.params_for_eval(state)
-    final = run_eval(training, eval_params, eval_batches, dataset.aliases(), step, writer, suite)
-    check_eval(final, step, latest)
-    samples.write(step, eval_params)
+    final = eval_and_sample(training, state, eval_batches, dataset.aliases(), step, writer,
+                            suite, samples, latest)
   stop = StopRequest()
   last_saved, stopped_early = latest, False
   try:
@@ -416,15 +419,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       # A diverged run stops at its first non-finite loss, before it logs, evaluates or saves
       # anything of that state, so the checkpoints it keeps are all finite.
       if (logged or evaluated or saving) and (bad := step_log.first_nonfinite()):
-        raise diverged(bad[0], f"loss is {bad[1]}", last_saved)
+        raise step_lib.diverged(bad[0], f"loss is {bad[1]}", last_saved)
       if logged:
         step_log.flush(step)
       if evaluated:
-        eval_params = training.params_for_eval(state)
-        final = run_eval(training, eval_params, eval_batches, dataset.aliases(), step,
-                         writer, suite)
-        check_eval(final, step, last_saved)
-        samples.write(step, eval_params)
+        final = eval_and_sample(training, state, eval_batches, dataset.aliases(), step,
+                                writer, suite, samples, last_saved)
       if saving:
         save(ckpt, training, state, step, ckpt_meta, final["val/loss"] if evaluated else None,
              last_saved)
