@@ -1,8 +1,8 @@
 """The training loop: validate -> build -> restore or init -> compile -> loop; reads the config.
 
-Everything it needs from below is a named piece (config, build, runs, step, preemption); what
-only the loop needs (batches by step, evaluation, samples, the log record) is defined here, and
-each piece takes the train state as an argument.
+Everything it needs from below is a named piece (config, build, runs, step, preemption, run_log
+for the step record and samples); what only the loop needs (batches by step, evaluation, saving)
+is defined here, and each piece takes the train state as an argument.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ from jaxlm.host import allocator
 from jaxlm.preemption import StopRequest
 from jaxlm.step import TrainState
 from jaxlm.tasks import suite as suite_lib
-
 
 
 def check_resumable(workdir: str, resolved: dict[str, Any], latest: int | None) -> None:
