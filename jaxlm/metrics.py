@@ -202,10 +202,13 @@ class EventFile:
 
   def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
     now = time.time()
-    for tag, value in scalars.items():
-      self._writer.write_event(self._pb.Event(wall_time=now, step=step,
-                                              summary=self._scalar(tag, value)))
-    self._writer.flush()  # Each record is on disk (or fails) now, like metrics.jsonl's.
+    try:
+      for tag, value in scalars.items():
+        self._writer.write_event(self._pb.Event(wall_time=now, step=step,
+                                                summary=self._scalar(tag, value)))
+      self._writer.flush()  # Each record is on disk (or fails) now, like metrics.jsonl's.
+    except OSError as e:
+      raise workdir_lib.naming(e, self.path) from None
 
   def flush(self) -> None:
     self._writer.flush()
