@@ -116,7 +116,8 @@ def test_throughput_counts_only_the_steps_since_the_clock_restarted(monkeypatch)
   cfg = types.SimpleNamespace(train=types.SimpleNamespace(batch_size=2, steps=60, log_every=50,
                                                           log_params_every=0),
                               optim=types.SimpleNamespace(name="adamw"))
-  mcfg = types.SimpleNamespace(n_layer=1, d_model=4, block_size=8, layer_windows=())
+  mcfg = types.SimpleNamespace(n_layer=1, d_model=4, block_size=8, layer_windows=(),
+                               dtype="float32")
   setup = types.SimpleNamespace(mcfg=mcfg, recipe=types.SimpleNamespace(
       schedule=lambda s: 1e-3, groups=[], schedule_free=False))
   params = {"wte": {"embedding": np.zeros((8, 4), np.float32)}}
