@@ -11,8 +11,11 @@ plus the best one by validation loss.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
 import os
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -102,7 +105,9 @@ class Checkpointer:
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     args[META] = ocp.args.JsonSave({**meta, "step": int(step), "val_loss": val_loss})
     metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
-    self._manager.save(int(step), args=ocp.args.Composite(**args), metrics=metrics, force=True)
+    with _disk_full_as_oserror():  # It waits for the previous save, which may have failed.
+      self._manager.save(int(step), args=ocp.args.Composite(**args), metrics=metrics,
+                         force=True)
 
   def meta(self, step: int) -> dict[str, Any]:
     out = self._manager.restore(int(step), args=ocp.args.Composite(
@@ -144,10 +149,28 @@ class Checkpointer:
             f"{name} {path} is {tuple(stored_leaves[path])} there but {shape} here")
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with _disk_full_as_oserror():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.close()
+
+
+@contextlib.contextmanager
+def _disk_full_as_oserror():
+  """Orbax's background writes report a full disk as tensorstore's RESOURCE_EXHAUSTED (a
+  ValueError, raised by the next save or wait); it becomes the OSError(ENOSPC) naming the
+  file that a full disk gives every other write, so the run ends with one line."""
+  try:
+    yield
+  except (ValueError, RuntimeError) as e:
+    text = str(e)
+    full = "RESOURCE_EXHAUSTED" in text or "No space left" in text or "File too large" in text
+    if not full:
+      raise
+    named = re.search(r'local file "([^"]+)"', text)
+    raise OSError(errno.ENOSPC, "No space left on device",
+                  named.group(1) if named else "the checkpoint directory") from None
 
 
 def _finite_or_inf(x: float) -> float:

@@ -16,9 +16,11 @@ import json
 import lzma
 import os
 import tempfile
+import zlib
 from collections.abc import Callable
 
 import numpy as np
+from absl import logging
 
 from jaxlm import tokenizers
 from jaxlm import workdir as workdir_lib
@@ -142,7 +144,12 @@ def _tokenize_cached(raw: bytes, digest: str, kind: str, cache_dir: str, name: s
       size = meta["n_tokens"] * dtype.itemsize
       if meta["sha256"] == digest and os.path.getsize(bin_path) == size:
         tokens = np.memmap(bin_path, dtype=dtype, mode="r")
-        return tokens, tokenizers.from_json(meta["tokenizer"])
+        # The corpus hash and the size say which corpus the file was made from, not that its
+        # bytes are still those tokens: a flipped or overwritten block keeps the size.
+        if meta.get("tokens_crc32") == tokens_checksum(tokens):
+          return tokens, tokenizers.from_json(meta["tokenizer"])
+        if "tokens_crc32" in meta:  # (An entry from before the checksum is rebuilt quietly.)
+          logging.warning("token cache %s fails its checksum (damaged): rebuilding it", bin_path)
     except (OSError, ValueError, KeyError):
       pass  # A damaged cache entry is simply rebuilt below.
   if kind == "char":
@@ -161,11 +168,17 @@ def _tokenize_cached(raw: bytes, digest: str, kind: str, cache_dir: str, name: s
     os.makedirs(cache_dir, exist_ok=True)
     _atomic_write(bin_path, tokens.tobytes())
     meta = {"sha256": digest, "source": name, "n_tokens": int(len(tokens)), "dtype": dtype.name,
-            "tokenizer": tok.to_json()}
+            "tokens_crc32": tokens_checksum(tokens), "tokenizer": tok.to_json()}
     _atomic_write(meta_path, json.dumps(meta, ensure_ascii=False).encode("utf-8"))
   except OSError:
     pass  # An unwritable cache only costs re-tokenizing next time.
   return tokens, tok
+
+
+def tokens_checksum(tokens: np.ndarray) -> int:
+  """CRC-32 of the token array's bytes: fast enough to check at every load (it reads the
+  whole file once, as training's random windows soon would), unlike a cryptographic hash."""
+  return zlib.crc32(memoryview(np.ascontiguousarray(tokens)).cast("B"))
 
 
 def _atomic_write(path: str, data: bytes) -> None:

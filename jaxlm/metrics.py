@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -173,18 +174,67 @@ def format_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+class EventFile:
+  """TensorBoard scalars, written to one events file of `directory` in the caller's thread.
+
+  tensorboardX's SummaryWriter writes from a thread of its own through a bounded queue: when
+  that thread dies (a full disk), the next add_scalar blocks forever and the run can no longer
+  act on a signal. Here a failed write raises OSError where it happens. The file name carries
+  the pid, since tensorboardX names files by the second and opens them with "wb": a second
+  attempt within the same second would empty the first one's file.
+
+  `purge_step` (a resumed run: its checkpoint's step + 1) writes TensorBoard's restart marker,
+  which hides the events at that step and later that an earlier attempt wrote before it died.
+  """
+
+  def __init__(self, directory: str, purge_step: int | None = None):
+    from tensorboardX import event_file_writer, summary  # Lazily: slow to import.
+    from tensorboardX.proto import event_pb2
+    self._pb, self._scalar = event_pb2, summary.scalar
+    os.makedirs(directory, exist_ok=True)
+    self._writer = event_file_writer.EventsWriter(os.path.join(directory, "events"),
+                                                  f".{os.getpid()}")
+    if purge_step is not None:
+      self._writer.write_event(event_pb2.Event(
+          wall_time=time.time(), step=purge_step,
+          session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+    self.path = self._writer._file_name  # noqa: SLF001  (what a disk-full error names)
+
+  def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
+    now = time.time()
+    try:
+      for tag, value in scalars.items():
+        self._writer.write_event(self._pb.Event(wall_time=now, step=step,
+                                                summary=self._scalar(tag, value)))
+      self._writer.flush()  # Each record is on disk (or fails) now, like metrics.jsonl's.
+    except OSError as e:
+      raise workdir_lib.naming(e, self.path) from None
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
 class MetricsWriter:
   """Appends one JSON object per call to metrics.jsonl and mirrors scalars to TensorBoard and,
   given `wandb` settings, the whole record to Weights & Biases (jaxlm/wandb_sink.py).
 
   Only process 0 writes; on other processes every method is a no-op. In a local workdir each
   record is on disk as soon as it is written. In a gs:// workdir (no appends on GCS) the
-  whole metrics.jsonl object and the TensorBoard event files, which tensorboardX writes to a
-  local temporary directory, are uploaded at most every `flush_sec` seconds and at close.
+  whole metrics.jsonl object and the TensorBoard event files, which are written to a local
+  temporary directory, are uploaded at most every `flush_sec` seconds and at close.
+
+  `resumed_from` (the step of the checkpoint a resumed run restored) keeps each step's record
+  written once: records past it, from an attempt that died after its last checkpoint, are
+  dropped from metrics.jsonl (and hidden in TensorBoard), since the resumed run writes them
+  again; and a write for a step at or before it, which the earlier attempt logged, is skipped.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True,
-               flush_sec: float = REMOTE_FLUSH_SEC, wandb: wandb_sink.Settings | None = None):
+               flush_sec: float = REMOTE_FLUSH_SEC, wandb: wandb_sink.Settings | None = None,
+               resumed_from: int | None = None):
     self.enabled = enabled
     self._jsonl = None
     self._tb = None
@@ -192,27 +242,29 @@ class MetricsWriter:
     self._events = None
     self._flush_sec = flush_sec
     self._last_flush = time.monotonic()
+    self._floor = -1 if resumed_from is None else resumed_from
     if not enabled:
       return
     root = workdir_lib.path(workdir)
+    if resumed_from is not None:
+      drop_records_after(root / "metrics.jsonl", resumed_from)
     self._jsonl = workdir_lib.Appender(root / "metrics.jsonl")
     if tensorboard:
-      from tensorboardX import SummaryWriter  # Imported lazily: it is slow to import.
       self._events = workdir_lib.LocalMirror(root / "events")
-      self._tb = SummaryWriter(self._events.local)
+      self._tb = EventFile(self._events.local,
+                           None if resumed_from is None else resumed_from + 1)
     if wandb is not None:
       self._wandb = wandb_sink.WandbSink(root, wandb)
 
   def write(self, step: int, scalars: dict[str, Any]) -> None:
-    if not self.enabled:
+    if not self.enabled or step <= self._floor:
       return
     record = {"step": int(step)}
     record.update({k: _to_python(v) for k, v in scalars.items()})
     self._jsonl.write(json.dumps(record) + "\n")
     if self._tb is not None:
-      for k, v in record.items():
-        if k != "step" and isinstance(v, (int, float)):
-          self._tb.add_scalar(k, v, global_step=int(step))
+      self._tb.add_scalars(int(step), {k: v for k, v in record.items() if k != "step" and
+                                       isinstance(v, (int, float))})
     if self._wandb is not None:
       self._wandb.log(record)
     if self._jsonl.remote and time.monotonic() - self._last_flush >= self._flush_sec:
@@ -250,6 +302,26 @@ class MetricsWriter:
     if self._wandb is not None:
       self._wandb.close(failed)
       self._wandb = None  # A W&B run finishes once; a second close is a no-op.
+
+
+def drop_records_after(p: Any, step: int) -> None:
+  """Rewrites metrics.jsonl without its records past `step` (and without a torn last line,
+  which the next append would run into); a file with none is left untouched."""
+  p = workdir_lib.path(p)
+  if not p.exists():
+    return
+  lines = workdir_lib.read_text(p).splitlines(keepends=True)
+  kept = [line for line in lines if line.endswith("\n") and _step_of(line) <= step]
+  if len(kept) != len(lines):
+    workdir_lib.write_text(p, "".join(kept))
+
+
+def _step_of(line: str) -> float:
+  try:
+    step = json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    step = None
+  return step if isinstance(step, (int, float)) else -math.inf  # Not a record: kept.
 
 
 def _to_python(v: Any) -> Any:

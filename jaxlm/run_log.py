@@ -3,6 +3,7 @@ line with throughput and ETA) and the samples appended to samples.txt."""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -14,8 +15,12 @@ from absl import logging
 from jaxlm import build as build_lib
 from jaxlm import metrics, optim, sample, tokenizers
 from jaxlm import model as model_lib
+from jaxlm import workdir as workdir_lib
 
 SAMPLE_RNG_STREAM = 3  # samples.txt at step s uses fold_in(fold_in(key(seed), 3), s).
+
+
+PENDING_LOSSES = "pending_losses"  # Checkpoint meta: the losses of the unlogged steps.
 
 
 class SampleLog:
@@ -30,8 +35,22 @@ class SampleLog:
     self.rng = jax.random.fold_in(jax.random.key(cfg.seed), SAMPLE_RNG_STREAM)
     self.last_step = -1
 
+  def resume(self, step: int | None, enabled: bool) -> None:
+    """A run resumed from checkpoint `step` samples only later steps (the earlier attempt
+    sampled those before it); samples.txt's entries past `step`, from an attempt that died
+    after its last checkpoint, are dropped, since this run writes them again."""
+    if step is None:
+      return
+    self.last_step = step
+    if enabled and self.path.exists():
+      text = workdir_lib.read_text(self.path)
+      cut = next((m.start() for m in re.finditer(r"^== step (\d+) ==$", text, re.M)
+                  if int(m.group(1)) > step), None)
+      if cut is not None:
+        workdir_lib.write_text(self.path, text[:cut])
+
   def write(self, step: int, params: Any) -> None:
-    if step == self.last_step:
+    if step <= self.last_step:
       return
     self.last_step = step
     # Every process samples (the params may be sharded across them); process 0 writes.
@@ -47,7 +66,7 @@ class StepLog:
   """Training metrics stay on the device between log steps; a log step fetches and writes them."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, setup: build_lib.Setup, params: Any,
-               writer: metrics.MetricsWriter, step: int):
+               writer: metrics.MetricsWriter, step: int, meta: dict[str, Any] | None = None):
     mcfg = setup.mcfg
     self.cfg, self.schedule, self.writer = cfg, setup.recipe.schedule, writer
     # Metric name -> (optimizer, lr_mult): each group's own lr besides the shared "lr".
@@ -61,6 +80,10 @@ class StepLog:
     self.peak_flops = metrics.peak_flops_total(mcfg.dtype)
     self.pending: list[dict[str, jax.Array]] = []
     self.first = step  # The pending losses are those of steps first + 1, first + 2, ...
+    # The losses of the steps before `step` since the last log (from the checkpoint a resumed
+    # run restored): the resumed run's first record averages them with its own, so it equals
+    # the record an uninterrupted run writes.
+    self.held = np.asarray((meta or {}).get(PENDING_LOSSES, []), np.float32)
     self.layer_stats: dict[str, jax.Array] = {}
     self.restart_clock(step)
 
@@ -86,14 +109,30 @@ class StepLog:
     bad = np.flatnonzero(~np.isfinite(losses))
     return (self.first + 1 + int(bad[0]), float(losses[bad[0]])) if bad.size else None
 
-  def flush(self, step: int) -> None:
+  def losses(self) -> np.ndarray:
+    """The losses not yet in a record: held ones, then the pending steps' (fetched)."""
+    return np.concatenate([self.held] + jax.device_get([m["loss"] for m in self.pending]))
+
+  def meta(self) -> dict[str, Any]:
+    """For the checkpoint's meta: what a run resumed from it needs to log as this one would."""
+    return {PENDING_LOSSES: [float(x) for x in self.losses()]}
+
+  def flush(self, step: int, record: bool = True) -> None:
+    """Logs the steps since the last record; `record=False` (a stop between log steps) only
+    prints them: they stay pending, for the checkpoint's meta, and the resumed run writes the
+    interval's record whole at its log step (as an uninterrupted run does)."""
     # With first_nonfinite just before it, the only host sync of a training step.
     fetched = jax.device_get(self.pending)
-    self.pending, self.first = [], step
+    loss = float(np.mean(np.concatenate([self.held] + [m["loss"] for m in fetched])))
     now = time.perf_counter()
     sec_per_step = (now - self.t) / (step - self.step)
     self.restart_clock(step)
-    loss = float(np.mean(np.concatenate([m["loss"] for m in fetched])))
+    if not record:
+      logging.info("stop  step %d | loss %.4f over the %d steps since the last record (kept "
+                   "in the checkpoint for the resumed run's next record)", step, loss,
+                   len(self.losses()))
+      return
+    self.pending, self.first, self.held = [], step, self.held[:0]
     tokens_per_sec = self.tokens_per_step / sec_per_step
     mfu = self.flops_per_token * tokens_per_sec / self.peak_flops
     lr = float(self.schedule(step - 1))

@@ -256,6 +256,22 @@ def eval_and_sample(training: build_lib.ShardedTraining, state: TrainState, eval
   return results
 
 
+def open_records(cfg: ml_collections.ConfigDict, setup: build_lib.Setup, state: TrainState,
+                 workdir: str, resolved: dict[str, Any], samples: run_log.SampleLog,
+                 ckpt: checkpoint_lib.Checkpointer, latest: int | None,
+                 ) -> tuple[metrics.MetricsWriter, run_log.StepLog]:
+  """The run's metrics writer and step log, and its samples.txt, continuing those of the
+  checkpoint at `latest` (if any) so that each step's records are written once and each
+  logged value is the one an uninterrupted run logs (see MetricsWriter, SampleLog.resume and
+  StepLog's `held` losses)."""
+  is_main = jax.process_index() == 0
+  samples.resume(latest, is_main)
+  writer = metrics.MetricsWriter(workdir, enabled=is_main, resumed_from=latest,
+                                 wandb=wandb_sink.settings(cfg, workdir, resolved))
+  meta = None if latest is None else ckpt.meta(latest)
+  return writer, run_log.StepLog(cfg, setup, state.params, writer, int(state.step), meta)
+
+
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
   t_start = time.perf_counter()
@@ -290,9 +306,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   if is_main:  # The first writes to the workdir (the writer's files and W&B's id come next).
     tokenizers.save(dataset.tokenizer, root / "tokenizer.json")
     workdir_lib.write_text(root / "config.json", json.dumps(resolved, indent=2, sort_keys=True))
-  writer = metrics.MetricsWriter(workdir, enabled=is_main,
-                                 wandb=wandb_sink.settings(cfg, workdir, resolved))
-  step_log = run_log.StepLog(cfg, setup, state.params, writer, step)
+  writer, step_log = open_records(cfg, setup, state, workdir, resolved, samples, ckpt, latest)
 
   final = {}
   if cfg.train.eval_every and step == 0:
@@ -310,22 +324,21 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       step_log.add(step_metrics)
       done = step == total_steps
       stopping = stop.should_stop(step) or step == cfg.train.stop_at
-      logged = step % cfg.train.log_every == 0 or done or stopping
+      logged = step % cfg.train.log_every == 0 or done  # A stop only prints (see flush).
       evaluated = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or done)
-      every = cfg.checkpoint.every
-      saving = done or stopping or (every and step % every == 0)
+      saving = done or stopping or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
       # A diverged run stops at its first non-finite loss, before it logs, evaluates or saves
       # anything of that state, so the checkpoints it keeps are all finite.
       if (logged or evaluated or saving) and (bad := step_log.first_nonfinite()):
         raise step_lib.diverged(bad[0], f"loss is {bad[1]}", last_saved)
-      if logged:
-        step_log.flush(step)
+      if logged or stopping:
+        step_log.flush(step, record=logged)
       if evaluated:
         final = eval_and_sample(training, state, eval_batches, dataset.aliases(), step,
                                 writer, suite, samples, last_saved)
       if saving:
-        save(ckpt, training, state, step, ckpt_meta, final["val/loss"] if evaluated else None,
-             last_saved)
+        save(ckpt, training, state, step, {**ckpt_meta, **step_log.meta()},
+             final["val/loss"] if evaluated else None, last_saved)
         last_saved = step
       if evaluated or last_saved == step:
         step_log.restart_clock(step)
@@ -333,7 +346,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
         stopped_early = not done
         break
     if last_saved != step:  # E.g. train.steps = 0: still one.
-      save(ckpt, training, state, step, ckpt_meta, None, last_saved)
+      save(ckpt, training, state, step, {**ckpt_meta, **step_log.meta()}, None, last_saved)
   except BaseException:
     writer.close(failed=True)
     raise

@@ -18,6 +18,7 @@ The data token cache stays local: it is derived from the corpus, not part of the
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import shutil
@@ -102,6 +103,15 @@ def write_text(p: str | os.PathLike, text: str) -> None:
   write_bytes(p, text.encode("utf-8"))
 
 
+# A full disk, a quota, or a file-size limit (RLIMIT_FSIZE): no write there can succeed now.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def naming(e: OSError, p: str | os.PathLike) -> OSError:
+  """`e` with the path it failed on (a failed write() names none), for the one-line error."""
+  return e if e.filename else OSError(e.errno, e.strerror, os.fspath(p))
+
+
 def write_bytes(p: str | os.PathLike, data: bytes) -> None:
   """write_text for bytes (PNG plots). Missing parent directories are created, as on GCS."""
   p = path(p)
@@ -110,9 +120,14 @@ def write_bytes(p: str | os.PathLike, data: bytes) -> None:
     return
   os.makedirs(p.parent, exist_ok=True)
   tmp = f"{p}.{os.getpid()}.tmp"  # Private to this process: several may write `p`.
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, p)
+  try:
+    with open(tmp, "wb") as f:
+      f.write(data)
+    os.replace(tmp, p)
+  except OSError as e:  # E.g. a full disk: `p` keeps its old content, and no .tmp is left.
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise naming(e, p) from None
 
 
 class Appender:
@@ -137,8 +152,11 @@ class Appender:
       self._text.append(text)
       self._dirty = True
     else:
-      self._file.write(text)
-      self._file.flush()
+      try:
+        self._file.write(text)
+        self._file.flush()
+      except OSError as e:
+        raise naming(e, self.path) from None
 
   def flush(self) -> None:
     """Makes everything written so far visible to readers (one upload on GCS)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import logging as py_logging
+import os
 import re
 import sys
 from types import ModuleType
@@ -140,9 +141,15 @@ class _QuietLibraries(py_logging.Filter):
   """Hides orbax's per-save bookkeeping and JAX's backend probing unless --verbosity >= 1."""
 
   def filter(self, record: py_logging.LogRecord) -> bool:
-    if record.levelno >= py_logging.ERROR or logging.get_verbosity() >= 1:
+    if logging.get_verbosity() >= 1:
       return True
     path = record.pathname.replace("\\", "/")
+    if record.levelno >= py_logging.ERROR:
+      # A full disk fails each of a save's writes, and orbax logs each with its traceback;
+      # the run reports it once, as a one-line error naming the file.
+      text = record.getMessage() + str(record.exc_info[1] if record.exc_info else "")
+      return not ("/orbax/" in path and ("RESOURCE_EXHAUSTED" in text or
+                                         "No space left" in text))
     return "/orbax/" not in path and not path.endswith("xla_bridge.py")
 
 
@@ -158,6 +165,10 @@ def main(argv: list[str]) -> None:
   except JaxlmError as e:
     logging.flush()
     sys.stderr.write(f"jaxlm: error: {e}\n")
+    if getattr(e, "exit_now", False):  # Skips the teardown of threads that would print more.
+      sys.stderr.flush()
+      sys.stdout.flush()
+      os._exit(2)
     sys.exit(2)
   except KeyboardInterrupt:
     sys.stderr.write("jaxlm: aborted\n")

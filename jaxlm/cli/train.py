@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from absl import flags
 
 from jaxlm.cli import common
@@ -26,4 +28,44 @@ def main(argv: list[str]) -> None:
   from jaxlm import host
   host.prepare_process(_CONFIG.value)
   from jaxlm import train
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from jaxlm import workdir as workdir_lib
+  previous = sys.excepthook, sys.unraisablehook
+  sys.excepthook = _quiet_failed_saves(previous[0])
+  sys.unraisablehook = _quiet_failed_saves(previous[1])
+  try:
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  except OSError as e:
+    if e.errno not in workdir_lib.DISK_FULL:
+      raise
+    raise disk_full(e, _WORKDIR.value) from None
+  finally:
+    sys.excepthook, sys.unraisablehook = previous
+
+
+def _quiet_failed_saves(previous):
+  """When one write of an orbax save fails (a full disk), it closes the save's event loop and
+  tensorstore's callbacks for the others print "Event loop is closed" tracebacks through
+  sys.excepthook; the failure itself reaches the run (as OSError) and ends it in one line."""
+  def hook(*args):
+    value = args[0].exc_value if len(args) == 1 else args[1]  # unraisablehook: one argument.
+    if not (isinstance(value, RuntimeError) and str(value) == "Event loop is closed"):
+      previous(*args)
+  return hook
+
+
+def disk_full(e: OSError, workdir: str) -> Exception:
+  """The one line a full disk ends a run with: the file that failed, and what the workdir
+  keeps (every checkpoint that finished; a half-written one is never listed or restored)."""
+  from jaxlm import workdir as workdir_lib
+  from jaxlm.errors import JaxlmError
+  ckpts = workdir_lib.path(workdir) / "checkpoints"
+  try:
+    steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  except OSError:
+    steps = []
+  kept = (f"kept: the checkpoints at steps {', '.join(map(str, steps))} (a rerun resumes from "
+          f"step {steps[-1]})" if steps else "no checkpoint was kept")
+  error = JaxlmError(f"{e.strerror} writing {e.filename}: the run stopped; {kept}, and every "
+                     "record written before; free some space and run the same command")
+  error.exit_now = True  # Orbax's unfinished writes would print tracebacks at exit.
+  return error
