@@ -284,7 +284,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
 
   # --- Compile ahead of time, so errors and compile time show before the loop. Calls run
   # K = steps_per_call steps, or one step at a time up to a boundary K does not divide.
-  step = int(state.step)
+  # A SIGTERM during the compile or step-0 eval stops after the first call, as later on.
+  stop, step = StopRequest(), int(state.step)
   steps_fn = compile_steps(training, state, batches.train(step, per_call), setup.dropout_rng)
   eval_batches = batches.eval(cfg.train.eval_steps)
   if is_main:  # The first writes to the workdir (the writer's files and W&B's id come next).
@@ -298,7 +299,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   if cfg.train.eval_every and step == 0:
     final = eval_and_sample(training, state, eval_batches, dataset.aliases(), step, writer,
                             suite, samples, latest)
-  stop = StopRequest()
   last_saved, stopped_early = latest, False
   try:
     while step < total_steps:

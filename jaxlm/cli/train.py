@@ -25,5 +25,11 @@ def main(argv: list[str]) -> None:
   # Imported here so that `jaxlm train --help` does not load jax.
   from jaxlm import host
   host.prepare_process(_CONFIG.value)
-  from jaxlm import train
-  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  import jax
+
+  from jaxlm import config as config_lib
+  from jaxlm import lock, train
+  config_lib.validate_config(_CONFIG.value)  # A bad config leaves no workdir behind.
+  # One run per workdir (see lock.py); process 0 speaks for a multi-process run.
+  with lock.WorkdirLock(_WORKDIR.value, enabled=jax.process_index() == 0):
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
