@@ -87,3 +87,90 @@ def test_tpu_jax_payload_is_quoted_in_the_install_script(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert not marker.exists(), "the --tpu_jax payload ran on the worker"
   assert payload in (tmp_path / "uv_args").read_text().splitlines()
+
+
+# --- 3. One run per workdir --------------------------------------------------------------------
+def _dead_pid() -> int:
+  child = subprocess.Popen(["true"])
+  child.wait()
+  return child.pid
+
+
+def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
+  from jaxlm import lock
+  workdir = str(tmp_path / "w")
+  with lock.WorkdirLock(workdir) as held:
+    assert held.held and os.path.exists(os.path.join(workdir, lock.NAME))
+    other = lock.WorkdirLock(workdir)
+    other.record = {**other.record, "pid": other.record["pid"] + 1}
+    with pytest.raises(JaxlmError, match=f"pid {os.getpid()} on host .* \\(this one\\)"):
+      other.acquire()
+  assert not os.path.exists(os.path.join(workdir, lock.NAME))  # Released.
+  stale = lock.WorkdirLock(workdir)
+  stale.record = {**stale.record, "pid": _dead_pid()}
+  assert stale._create()  # A process that died holding the lock.
+  with lock.WorkdirLock(workdir) as taken:
+    assert taken._read()["pid"] == os.getpid()
+  elsewhere = lock.WorkdirLock(workdir)
+  elsewhere.record = {**elsewhere.record, "host": "another-host", "pid": _dead_pid()}
+  assert elsewhere._create()  # Another host's pid says nothing here: never stale.
+  with pytest.raises(JaxlmError, match="host another-host.*delete"):
+    lock.WorkdirLock(workdir).acquire()
+
+
+@pytest.mark.slow
+def test_a_second_train_on_the_same_workdir_is_refused_in_one_line(tmp_path):
+  workdir = str(tmp_path / "w")
+  args = ["train", "--config", SMOKE, "--workdir", workdir, "--config.train.steps=2000",
+          "--config.train.eval_every=0", "--config.checkpoint.every=1000"]
+  first = subprocess.Popen([jaxlm_script(), *args], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    while "compiled train step" not in first.stderr.readline():
+      assert first.poll() is None, "the first run stopped"
+    second = run_jaxlm(*args)
+    assert_one_line_error(second, "in use by another jaxlm train", f"pid {first.pid}")
+  finally:
+    first.send_signal(signal.SIGTERM)  # Stops it with a checkpoint and releases the lock.
+    _, err = first.communicate(timeout=300)
+  assert first.returncode == 0, err[-2000:]
+  assert not os.path.exists(os.path.join(workdir, "jaxlm.lock"))
+  metrics = open(os.path.join(workdir, "metrics.jsonl")).read().splitlines()
+  steps = [line for line in metrics if '"train/loss"' in line]
+  assert len(steps) == len(set(steps))  # Each step logged once: nobody else wrote.
+
+
+# --- 16. Signals before the loop; launch's flags -----------------------------------------------
+@pytest.mark.slow
+def test_sigterm_during_compile_stops_with_exit_0(tmp_path):
+  workdir = str(tmp_path / "w")
+  proc = subprocess.Popen([jaxlm_script(), "train", "--config", SMOKE, "--workdir", workdir],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  while "optimizer group" not in proc.stderr.readline():  # The last line before compiling.
+    assert proc.poll() is None
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=300)
+  assert proc.returncode == 0, err[-2000:]
+  assert "stopped at step" in err and "Traceback" not in err
+  assert not os.path.exists(os.path.join(workdir, "jaxlm.lock"))
+
+
+@pytest.mark.parametrize("flag,fragment", [("--process_ids=x", "comma-separated integers"),
+                                           ("--coordinator=notaport", "host:port")])
+def test_launch_flags_are_checked(flag, fragment):
+  assert_one_line_error(run_jaxlm("launch", flag, "--", "train"), fragment)
+
+
+# --- 17. Divergence names the first non-finite step, not the step it was noticed at -------------
+def test_first_nonfinite_names_the_first_bad_step():
+  import types
+
+  import numpy as np
+
+  from jaxlm import run_log
+  log = types.SimpleNamespace(first=10, pending=[{"loss": np.array([2.0, 1.5])},
+                                                 {"loss": np.array([np.inf, np.nan])}])
+  step, loss = run_log.StepLog.first_nonfinite(log)
+  assert step == 13 and loss == np.inf
+  log.pending = [{"loss": np.array([1.0])}]
+  assert run_log.StepLog.first_nonfinite(log) is None
