@@ -279,13 +279,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   ckpt, latest = open_checkpoints(workdir, cfg.checkpoint.keep)
   check_resumable(workdir, resolved, latest)
   ckpt_meta = {"config": resolved, "tokenizer": dataset.tokenizer.to_json()}
-  state = restore_or_init(setup, ckpt, latest, cfg.train.init_from)
+  # SIGTERM during the restore, compile or step-0 eval stops after the first call (a save).
+  stop, state = StopRequest(), restore_or_init(setup, ckpt, latest, cfg.train.init_from)
   log_setup(cfg, setup, dataset, state.params)
 
   # --- Compile ahead of time, so errors and compile time show before the loop. Calls run
   # K = steps_per_call steps, or one step at a time up to a boundary K does not divide.
-  # A SIGTERM during the compile or step-0 eval stops after the first call, as later on.
-  stop, step = StopRequest(), int(state.step)
+  step = int(state.step)
   steps_fn = compile_steps(training, state, batches.train(step, per_call), setup.dropout_rng)
   eval_batches = batches.eval(cfg.train.eval_steps)
   if is_main:  # The first writes to the workdir (the writer's files and W&B's id come next).

@@ -20,8 +20,9 @@ def second_train(proc: subprocess.Popen, workdir: str) -> None:
   wait_for_line(proc, "compiled train step")
   second = subprocess.run([JAXLM, "train", "--config", SMOKE, "--workdir", workdir, *LONG],
                           capture_output=True, text=True, timeout=300)
-  proc.second = second  # type: ignore[attr-defined]
   proc.send_signal(signal.SIGTERM)
+  if second.returncode != 2 or "in use by another jaxlm train" not in second.stderr:
+    raise RuntimeError(f"the second train was not refused (exit {second.returncode})")
 
 
 def second_refused(workdir: str, result) -> str | None:
