@@ -31,7 +31,9 @@ class SampleLog:
     self.sampler = sample.make_sampler(model, sample.SampleSettings.from_config(
         cfg.sample, tokenizer.vocab_size))
     self.prompt, self.tokenizer, self.path = cfg.sample.prompt, tokenizer, path
-    sample.encode_prompts(tokenizer, [self.prompt])  # A bad prompt fails before compiling.
+    # A bad prompt, or a sample.max_new_tokens too large for memory, fails before compiling.
+    prompt_BxP, _ = sample.encode_prompts(tokenizer, [self.prompt])
+    sample.check_fits(self.sampler.settings, model.cfg, 1, prompt_BxP.shape[1])
     self.rng = jax.random.fold_in(jax.random.key(cfg.seed), SAMPLE_RNG_STREAM)
     self.last_step = -1
 

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxlm import memory
 from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
@@ -313,13 +314,15 @@ class Sampler:
   settings: SampleSettings
   prefill: Callable[[PyTree, jax.Array, jax.Array, jax.Array], DecodeState]
   decode: Callable[[PyTree, DecodeState, jax.Array], DecodeState]
+  cfg: model_lib.ModelConfig | None = None  # The model's: its block size bounds nothing, but
+  # sample_text's memory check names it.
 
 
 def make_sampler(model: model_lib.DecoderLM, settings: SampleSettings) -> Sampler:
   """Validates `settings` (JaxlmError) and jits prefill and decode for them: the jit boundary."""
   validate_settings(settings, model.cfg)
   return Sampler(
-      settings=settings,
+      settings=settings, cfg=model.cfg,
       prefill=jax.jit(functools.partial(prefill, model=model, settings=settings)),
       # The state is donated: the cache is updated in place from one chunk to the next.
       decode=jax.jit(functools.partial(decode, model=model, settings=settings),
@@ -332,20 +335,58 @@ class SampleResult:
   num_tokens: int  # Generated tokens, summed over the prompts.
   seconds: float  # Prefill and decoding, compilation excluded.
   compile_seconds: float
+  interrupted: bool = False  # Stopped early by `should_stop`: the texts are shorter.
 
   @property
   def tokens_per_sec(self) -> float:
     return self.num_tokens / max(self.seconds, 1e-9)
 
 
+# Host and device bytes per generated token of each sample: the int32 token buffer on the
+# device, its copies on the host and the decoded Python text (up to 4 bytes a character, plus
+# the tokenizer's intermediate lists).
+BYTES_PER_TOKEN = 32
+MAX_POSITIONS = 2**31 - 1  # Token indices and lengths are int32.
+
+
+def check_fits(settings: SampleSettings, cfg: model_lib.ModelConfig, num_samples: int,
+               prompt_len: int) -> None:
+  """Refuses a max_new_tokens whose buffers would not fit in memory (JaxlmError), before
+  anything is allocated: the generation would otherwise grow until the kernel kills it."""
+  m = settings.max_new_tokens
+  window = (f"(the model attends to its last model.block_size={cfg.block_size} tokens; a longer "
+            "sample slides that window)")
+  if prompt_len + m > MAX_POSITIONS:
+    raise JaxlmError(f"max_new_tokens={m} is more than one sample can hold: prompt and sample "
+                     f"together must stay under {MAX_POSITIONS} tokens {window}")
+  budget = memory.available_bytes() // 2  # Leave room for everything else.
+  need = num_samples * (prompt_len + m) * BYTES_PER_TOKEN
+  if budget and need > budget:
+    most = max(budget // (num_samples * BYTES_PER_TOKEN) - prompt_len, 0)
+    raise JaxlmError(f"max_new_tokens={m} needs about {need / 2**30:.1f} GiB for "
+                     f"{num_samples} sample(s), more than half of the memory available: at "
+                     f"most {most} tokens per sample here {window}")
+
+
 def sample_text(sampler: Sampler, params: PyTree, tokenizer: Any, prompts: Sequence[str],
                 rng: jax.Array, *, on_text: Callable[[str], None] | None = None,
-                chunk_tokens: int = 16) -> SampleResult:
+                chunk_tokens: int = 16,
+                should_stop: Callable[[], bool] | None = None) -> SampleResult:
   """Continues each prompt. With `on_text`, decodes `chunk_tokens` at a time and passes the
-  first row's new text to it as soon as each chunk is done (streaming)."""
+  first row's new text to it as soon as each chunk is done (streaming).
+
+  `should_stop` (e.g. "Ctrl-C was pressed") is asked between chunks, when no computation is in
+  flight; when it says yes the texts so far are returned with `interrupted` set. Without
+  streaming the chunks are larger, so that it is still asked now and then.
+  """
   prompt_BxP, lengths_B = encode_prompts(tokenizer, prompts)
   max_new = sampler.settings.max_new_tokens
-  chunk = np.int32(chunk_tokens if on_text is not None else max_new)
+  check_fits(sampler.settings, sampler.cfg, len(prompts), prompt_BxP.shape[1])
+  if on_text is not None:
+    chunk = np.int32(chunk_tokens)
+  else:
+    chunk = np.int32(max_new if should_stop is None else min(max_new, 64 * chunk_tokens))
+  interrupted = False
 
   t0 = time.perf_counter()
   prefill_fn = sampler.prefill.lower(params, prompt_BxP, lengths_B, rng).compile()
@@ -372,12 +413,15 @@ def sample_text(sampler: Sampler, params: PyTree, tokenizer: Any, prompts: Seque
         shown = text
     if finished:
       break
+    if should_stop is not None and should_stop():
+      interrupted = True
+      break
   tokens_BxT, counts_B = jax.device_get((state.tokens_BxT, state.lengths_B - lengths_B))
   seconds = time.perf_counter() - t0
   texts = [tokenizer.decode(tokens_BxT[b, lengths_B[b]:lengths_B[b] + counts_B[b]])
            for b in range(len(prompts))]
   return SampleResult(texts=texts, num_tokens=int(np.sum(counts_B)), seconds=seconds,
-                      compile_seconds=compile_seconds)
+                      compile_seconds=compile_seconds, interrupted=interrupted)
 
 
 def append_samples(path: str | os.PathLike, step: int, prompt: str,

@@ -295,7 +295,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   ckpt, latest = open_checkpoints(workdir, cfg.checkpoint.keep)
   check_resumable(workdir, resolved, latest)
   ckpt_meta = {"config": resolved, "tokenizer": dataset.tokenizer.to_json()}
-  state = restore_or_init(setup, ckpt, latest, cfg.train.init_from)
+  # SIGTERM during the restore, compile or step-0 eval stops after the first call (a save).
+  stop, state = StopRequest(), restore_or_init(setup, ckpt, latest, cfg.train.init_from)
   log_setup(cfg, setup, dataset, state.params)
 
   # --- Compile ahead of time, so errors and compile time show before the loop. Calls run
@@ -312,7 +313,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   if cfg.train.eval_every and step == 0:
     final = eval_and_sample(training, state, eval_batches, dataset.aliases(), step, writer,
                             suite, samples, latest)
-  stop = StopRequest()
   last_saved, stopped_early = latest, False
   try:
     while step < total_steps:

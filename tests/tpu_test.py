@@ -18,7 +18,7 @@ TRAIN = ["train", "--config", "configs/shakespeare_char.py", "--workdir", "gs://
 INSTALL = ("'python3 -m pip install --user --quiet uv && rm -rf ~/jaxlm-venv && "
            "~/.local/bin/uv venv --quiet --python 3.12 ~/jaxlm-venv && "
            "~/.local/bin/uv pip install --quiet --python ~/jaxlm-venv/bin/python "
-           "\"$HOME/jaxlm[gcs]\" \"jax[tpu]\"'")
+           "\"$HOME/jaxlm[gcs]\" '\"'\"'jax[tpu]'\"'\"''")
 UNPACK = ("'rm -rf ~/jaxlm && mkdir -p ~/jaxlm && tar -xzf ~/jaxlm.tar.gz -C ~/jaxlm "
           "&& rm ~/jaxlm.tar.gz'")
 
@@ -169,7 +169,7 @@ def test_dry_run_watch_v5e_from_a_git_url():
       "--version=v2-alpha-tpuv5-lite --spot",
       f"{ssh} --worker=all --command 'rm -rf ~/jaxlm && git clone --depth=1 "
       "https://example.com/jaxlm.git ~/jaxlm'",
-      f"{ssh} --worker=all --command " + INSTALL.replace('"jax[tpu]"', '"jax[tpu]==0.6.2"'),
+      f"{ssh} --worker=all --command " + INSTALL.replace("jax[tpu]'", "jax[tpu]==0.6.2'"),
       f"{ssh} --worker=all --command " + start_script("JAXLM_DISTRIBUTED=1 "),
       "gcloud compute tpus tpu-vm describe e16 --zone=us-west4-a '--format=value(state)'",
       f"{ssh} --worker=0 --command {PROBE}",

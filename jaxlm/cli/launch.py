@@ -7,6 +7,8 @@ import sys
 
 from absl import flags
 
+from jaxlm.errors import JaxlmError
+
 USAGE = """\
 usage: jaxlm launch [--num_processes N] [--devices_per_process N] [--timeout S] [flags]
            -- COMMAND [its flags]
@@ -38,13 +40,30 @@ _PROCESS_IDS = flags.DEFINE_list("process_ids", [], "launch: start only these pr
                                  "(default: all).", flag_values=FLAGS)
 
 
+def _process_ids() -> list[int] | None:
+  try:
+    return [int(i) for i in _PROCESS_IDS.value] or None
+  except ValueError:
+    raise JaxlmError(f"--process_ids takes comma-separated integers, e.g. --process_ids 0,1; "
+                     f"got {','.join(_PROCESS_IDS.value)!r}") from None
+
+
+def _check_coordinator(address: str) -> None:
+  host, _, port = address.rpartition(":")
+  if address and not (host and port.isdigit() and 0 < int(port) < 65536):
+    raise JaxlmError(f"--coordinator must be host:port (process 0's address, e.g. "
+                     f"10.0.0.2:1234), got {address!r}")
+
+
 def main(argv: list[str]) -> None:
   # argv: what is left after this command's flags, i.e. the command after `--` with its flags.
+  process_ids = _process_ids()
+  _check_coordinator(_COORDINATOR.value)
   from jaxlm.host import launch
   code = launch.launch_local(argv, num_processes=_NUM_PROCESSES.value,
                              devices_per_process=_DEVICES_PER_PROCESS.value,
                              timeout=_TIMEOUT.value, init_timeout=_INIT_TIMEOUT.value,
                              heartbeat_timeout=_HEARTBEAT_TIMEOUT.value,
                              coordinator=_COORDINATOR.value,
-                             process_ids=[int(i) for i in _PROCESS_IDS.value] or None)
+                             process_ids=process_ids)
   sys.exit(code)

@@ -5,6 +5,8 @@ The sampling flags default to None: the value in the run's config.json `sample` 
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 from absl import flags, logging
@@ -58,8 +60,40 @@ def _read_prompt() -> str | None:
                      f"{e.start})") from None
 
 
+class _Interrupt:
+  """Ctrl-C as a flag, asked between decode chunks.
+
+  A KeyboardInterrupt raised while a decode call is still running on the device (dispatch is
+  asynchronous) ends the interpreter under XLA's feet, which can crash it (SIGSEGV); the flag
+  lets the current chunk finish first. A second Ctrl-C exits at once, without cleanup.
+  """
+
+  def __init__(self):
+    self.pressed = False
+    signal.signal(signal.SIGINT, self._handle)
+
+  def _handle(self, signum, frame) -> None:
+    if self.pressed:
+      os._exit(130)
+    self.pressed = True
+
+  def __call__(self) -> bool:
+    return self.pressed
+
+
+def _interrupted(done: str) -> None:
+  """The one line of a Ctrl-C, then exit 130 (what a shell reports for SIGINT)."""
+  sys.stdout.flush()
+  sys.stderr.write(f"jaxlm: interrupted{done}\n")
+  sys.stderr.flush()
+  # os._exit: nothing is left to save, and interpreter teardown with live device buffers is
+  # where a crash would come from.
+  os._exit(130)
+
+
 def main(argv: list[str]) -> None:
   del argv
+  interrupt = _Interrupt()
   common.require(_WORKDIR.value, "workdir")
   if _NUM_SAMPLES.value < 1:
     raise JaxlmError(f"--num_samples must be >= 1, got {_NUM_SAMPLES.value}")
@@ -77,6 +111,8 @@ def main(argv: list[str]) -> None:
   prompts = [saved.prompt if prompt is None else prompt] * _NUM_SAMPLES.value
   sample.encode_prompts(run.tokenizer, prompts[:1])  # Bad prompts fail before compiling.
   sampler = sample.make_sampler(run.model, settings)
+  if interrupt():
+    _interrupted(" before sampling")
   logging.info("sampling from %s at step %d: %s", _WORKDIR.value, run.step, settings)
   streaming = len(prompts) == 1
 
@@ -87,7 +123,13 @@ def main(argv: list[str]) -> None:
   if streaming:
     write(prompts[0])
   result = sample.sample_text(sampler, run.params, run.tokenizer, prompts,
-                              jax.random.key(_SEED.value), on_text=write if streaming else None)
+                              jax.random.key(_SEED.value), on_text=write if streaming else None,
+                              should_stop=interrupt)
+  if result.interrupted:
+    if streaming:
+      write("\n")
+    _interrupted(f" after {result.num_tokens} of "
+                 f"{len(prompts) * settings.max_new_tokens} tokens")
   if streaming:
     write("\n")
   else:

@@ -27,13 +27,19 @@ def main(argv: list[str]) -> None:
   # Imported here so that `jaxlm train --help` does not load jax.
   from jaxlm import host
   host.prepare_process(_CONFIG.value)
-  from jaxlm import train
+  import jax
+
+  from jaxlm import config as config_lib
+  from jaxlm import lock, train
   from jaxlm import workdir as workdir_lib
+  config_lib.validate_config(_CONFIG.value)  # A bad config leaves no workdir behind.
   previous = sys.excepthook, sys.unraisablehook
   sys.excepthook = _quiet_failed_saves(previous[0])
   sys.unraisablehook = _quiet_failed_saves(previous[1])
   try:
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    # One run per workdir (see lock.py); process 0 speaks for a multi-process run.
+    with lock.WorkdirLock(_WORKDIR.value, enabled=jax.process_index() == 0):
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   except OSError as e:
     if e.errno not in workdir_lib.DISK_FULL:
       raise

@@ -130,7 +130,9 @@ def setup_commands(s: Slice, setup: Setup) -> list[list[str]]:
             s.ssh(f"rm -rf {CODE} && mkdir -p {CODE} && tar -xzf ~/jaxlm.tar.gz -C {CODE} "
                   "&& rm ~/jaxlm.tar.gz")]
   uv = "~/.local/bin/uv"
-  jax = '"' + setup.jax.replace('"', "") + '"'  # Double quotes keep brackets from the shell.
+  # Quoted as one shell word: inside double quotes `$(...)` and backticks would still run on
+  # every worker. Single quotes (shlex) keep brackets and everything else literal.
+  jax = shlex.quote(setup.jax)
   code = '"' + CODE.replace("~", "$HOME") + '[gcs]"'  # The gcs extra: gs:// workdirs.
   install = (f"python3 -m pip install --user --quiet uv && rm -rf {VENV} && "
              f"{uv} venv --quiet --python {PYTHON} {VENV} && "
