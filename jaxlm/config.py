@@ -111,7 +111,7 @@ def resolved_dict(cfg: ml_collections.ConfigDict,
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises JaxlmError naming the first impossible value; cheap, no data or devices touched."""
-  model_config(cfg, vocab_size=1, log=False)  # Shape checks (divisibility, ranges) with a stand-in vocab.
+  model_config(cfg, vocab_size=1, log=False)  # Shape checks, with a stand-in vocab.
   t = cfg.train
   for key in ("batch_size", "grad_accum", "log_every", "eval_steps", "steps_per_call"):
     if t[key] < 1:

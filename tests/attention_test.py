@@ -36,7 +36,8 @@ def logits_and_grads(model, params, tokens):
   def f(p):
     return model.apply({"params": p}, tokens)
   out = f(params)
-  grads = jax.grad(lambda p: (f(p) * jnp.cos(jnp.arange(out.shape[-1]))[None, None, :]).mean())(params)
+  weights_V = jnp.cos(jnp.arange(out.shape[-1]))  # Every logit matters, each differently.
+  grads = jax.grad(lambda p: (f(p) * weights_V[None, None, :]).mean())(params)
   return out, grads
 
 
