@@ -6,15 +6,16 @@ Everything a command needs from an experiment config before it builds anything l
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
 import ml_collections
 from absl import logging
 
+from jaxlm import attention, optim, sharding, tokenizers, wandb_sink
 from jaxlm import data as data_lib
 from jaxlm import model as model_lib
-from jaxlm import optim, sharding, tokenizers, wandb_sink
 from jaxlm import workdir as workdir_lib
 from jaxlm.corpus import batches as batches_lib
 from jaxlm.corpus import spec as corpus_spec
@@ -66,7 +67,8 @@ def resolved_architecture(m: ml_collections.ConfigDict) -> dict[str, Any]:
   return out
 
 
-def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.ModelConfig:
+def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *,
+                 log: bool = True) -> model_lib.ModelConfig:
   """The frozen ModelConfig of `cfg`, with the vocabulary of its tokenizer when 0."""
   m = cfg.model
   arch = resolved_architecture(m)
@@ -76,12 +78,26 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.M
   d_ff = m.d_ff or (llama_ff_dim(m.d_model) if m.family == "llama" else 0)
   # Configs saved before these options existed lack them: they read as off.
   recipe = {key: m[key] for key in RECIPE_KEYS if key in m}
-  return model_lib.ModelConfig(
+  # "auto" resolves for this machine's backend here, the one place a ModelConfig is made.
+  # config.json keeps "auto": a run resumed or evaluated on another platform resolves it there
+  # (the log line of the run says what each platform picked).
+  dtype = attention.resolve_dtype(m.dtype) if m.dtype == "auto" else m.dtype
+  mcfg = model_lib.ModelConfig(
       vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
       n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=d_ff,
-      dropout=m.dropout, dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat,
+      dropout=m.dropout, dtype=dtype, param_dtype=m.param_dtype, remat=m.remat,
       scan_layers=m.scan_layers, attention_block=m.attention_block,
       hash_dropout=cfg.train.dropout_rng == "hash", **arch, **recipe)
+  impl = m.get("attention_impl", "auto")
+  if impl == "einsum":
+    return mcfg
+  mixed = mcfg.scan_layers and mcfg.scan_window < 0
+  impl = attention.resolve(impl, head_dim=mcfg.head_dim, dtype=dtype, block_size=m.block_size,
+                           dropout=m.dropout, mixed_windows=mixed, log=log)
+  if log and impl != "einsum" and mcfg.attention_block:
+    logging.info("attention: model.attention_block=%d is a CPU tweak of the einsum path; "
+                 "%s ignores it", mcfg.attention_block, impl)
+  return dataclasses.replace(mcfg, attention_impl=impl)
 
 
 def resolved_dict(cfg: ml_collections.ConfigDict,
@@ -95,7 +111,7 @@ def resolved_dict(cfg: ml_collections.ConfigDict,
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises JaxlmError naming the first impossible value; cheap, no data or devices touched."""
-  model_config(cfg, vocab_size=1)  # Shape checks (divisibility, ranges) with a stand-in vocab.
+  model_config(cfg, vocab_size=1, log=False)  # Shape checks, with a stand-in vocab.
   t = cfg.train
   for key in ("batch_size", "grad_accum", "log_every", "eval_steps", "steps_per_call"):
     if t[key] < 1:

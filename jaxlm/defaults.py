@@ -103,7 +103,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.bias = config_dict.placeholder(bool)  # Biases in linears and norms; None = preset.
   # Output head shares the token embedding matrix; None = preset.
   c.model.tie_embeddings = config_dict.placeholder(bool)
-  c.model.dtype = "float32"  # Matmul compute dtype (bfloat16 on TPU); softmax/loss stay f32.
+  # Matmul compute dtype: auto = bfloat16 on GPUs and TPUs, float32 on CPUs; or float32,
+  # bfloat16, float16. Params stay param_dtype; softmax, logits and loss always run in f32.
+  c.model.dtype = "auto"
   c.model.param_dtype = "float32"
   c.model.remat = "none"  # Activation recomputation per block: none | full | dots.
   c.model.scan_layers = False  # nn.scan over blocks: compile time flat in depth.
@@ -111,6 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
   # last row (the causal mask's upper triangle is skipped): the same math with fewer FLOPs and
   # one more loop in the compiled step; 0 = the whole sequence at once. Helps on CPU.
   c.model.attention_block = 0
+  # The attention kernel (jaxlm/attention.py): auto = cuDNN flash attention on NVIDIA GPUs and
+  # splash on TPUs where the model allows (else xla), jaxlm's einsum path on CPUs; or einsum,
+  # xla, cudnn, splash explicitly. The run's log says what auto picked and why.
+  c.model.attention_impl = "auto"
   # Modern recipe options (issue 19), all off by default; Hugging Face export refuses them.
   # RMSNorm of each query and key head over the head dim (a learned [head_dim] scale per layer
   # for each), before RoPE and the scores: OLMo 2, Gemma 3, modded-nanogpt. RMSNorm whatever

@@ -63,7 +63,7 @@ def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "float3
   device = device or jax.devices()[0]
   kind = getattr(device, "device_kind", "") or ""
   if (known := devices.for_device_kind(kind)) is not None:
-    return known.peak_tflops * 1e12
+    return known.peak(dtype)
   key = (kind, dtype)
   if key not in _measured_peak:
     peak = measure_matmul_flops(device, dtype)

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxlm import axes
+from jaxlm import attention, axes
 from jaxlm.errors import JaxlmError
 from jaxlm.kernels import HashDropout, Linear
 from jaxlm.model_config import (  # noqa: F401  (re-exported: the model's vocabulary)
@@ -184,6 +184,11 @@ class CausalSelfAttention(nn.Module):
       # Keys are rotated before they enter the cache: a cached key keeps its own position.
       q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxSxGxK = rope(k_BxSxGxK, positions_BxL, cfg.rope_theta)
+    scale = 1.0 / math.sqrt(K)
+    if cfg.attention_impl != "einsum":
+      out_BxLxHxK, cache = self.fused(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, scale, positions_BxL,
+                                      cache, layer_window)
+      return self.project_out(out_BxLxHxK, train), cache
     # Grouped-query attention: each of the G kv heads serves R = H // G query heads. Attention
     # runs head-major (heads before positions): its batched matmuls then read and write
     # contiguous [positions x head_dim] matrices. One transpose of q, k and v each (and of the
@@ -191,9 +196,9 @@ class CausalSelfAttention(nn.Module):
     q_BxGxRxLxK = q_BxLxHxK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4)
 
     def attend(q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, visible):
-      """softmax(q k^T / sqrt(K)) v over the keys `visible` lets each query see."""
+      """softmax(q k^T * scale) v over the keys `visible` lets each query see."""
       scores_BxGxRxLxS = jnp.einsum("bgrlk,bgsk->bgrls", q_BxGxRxLxK, k_BxGxSxK,
-                                    preferred_element_type=jnp.float32) / math.sqrt(K)
+                                    preferred_element_type=jnp.float32) * scale
       scores_BxGxRxLxS = jnp.where(visible, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
       probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1)
       probs_BxGxRxLxS = dropout(cfg)(probs_BxGxRxLxS, deterministic=not train)
@@ -240,12 +245,47 @@ class CausalSelfAttention(nn.Module):
       out_BxGxRxLxK = attend(q_BxGxRxLxK, cache.k_BxGxSxK, cache.v_BxGxSxK,
                              visible_BxLxS[:, None, None])
     out_BxLxGxRxK = out_BxGxRxLxK.transpose(0, 3, 1, 2, 4)
-    out_BxLxHxK = out_BxLxGxRxK.reshape(B, L, H, K)
+    return self.project_out(out_BxLxGxRxK.reshape(B, L, H, K), train), cache
+
+  def project_out(self, out_BxLxHxK: jax.Array, train: bool) -> jax.Array:
+    cfg = self.cfg
     out_BxLxD = Linear(
         (cfg.d_model,), in_dims=2,
         kernel_init=out_init(cfg, (axes.HEADS, axes.HEAD_DIM, axes.EMBED)),
-        bias_init=_zeros((axes.EMBED,)), name=ATTN_OUT, **dense)(out_BxLxHxK)
-    return dropout(cfg)(out_BxLxD, deterministic=not train), cache
+        bias_init=_zeros((axes.EMBED,)), name=ATTN_OUT, use_bias=cfg.bias,
+        dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])(out_BxLxHxK)
+    return dropout(cfg)(out_BxLxD, deterministic=not train)
+
+  def fused(self, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, scale, positions_BxL, cache, layer_window):
+    """Attention through jaxlm.attention's kernels (model.attention_impl), same math as the
+    einsum path: causal, the layer's window, and over the KV cache when decoding."""
+    window, impl = self.window, self.cfg.attention_impl
+    if cache is None:
+      if window >= 0:  # One static window (0 = full): the kernel's own causal mask.
+        return attention.fused(impl, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, scale=scale,
+                               window=window), None
+      L = q_BxLxHxK.shape[1]
+      pos_L = jnp.arange(L)
+      visible_LxS = (pos_L[None, :] <= pos_L[:, None]) & (
+          (layer_window == 0) | (pos_L[None, :] > pos_L[:, None] - layer_window))
+      return attention.fused(impl, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, scale=scale,
+                             mask_BxLxS=visible_LxS[None]), None
+    B = q_BxLxHxK.shape[0]
+    rows_Bx1 = jnp.arange(B)[:, None]
+    cache = LayerCache(
+        k_BxGxSxK=cache.k_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(k_BxSxGxK),
+        v_BxGxSxK=cache.v_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(v_BxSxGxK))
+    S = cache.k_BxGxSxK.shape[2]
+    q_pos, k_pos = positions_BxL[:, :, None], jnp.arange(S)[None, None, :]
+    visible_BxLxS = k_pos <= q_pos
+    if window > 0:
+      visible_BxLxS &= k_pos > q_pos - window
+    elif window < 0:
+      visible_BxLxS &= (layer_window == 0) | (k_pos > q_pos - layer_window)
+    out_BxLxHxK = attention.fused(impl, q_BxLxHxK, cache.k_BxGxSxK.transpose(0, 2, 1, 3),
+                                  cache.v_BxGxSxK.transpose(0, 2, 1, 3), scale=scale,
+                                  mask_BxLxS=visible_BxLxS)
+    return out_BxLxHxK, cache
 
 
 class MLP(nn.Module):

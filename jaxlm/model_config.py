@@ -101,6 +101,9 @@ class ModelConfig:
   # comma-separated entries, each an integer W >= 1 (a query at t sees keys t-W+1 .. t) or
   # "full"; see layer_windows.
   attention_window: str = ""
+  # The attention kernel, already resolved for this platform (jaxlm.attention): einsum (jaxlm's
+  # own path) | xla | cudnn | splash; the config's "auto" never reaches here.
+  attention_impl: str = "einsum"
 
   def __post_init__(self):
     def fail(msg):
@@ -136,6 +139,9 @@ class ModelConfig:
     if not self.logit_softcap >= 0:  # Also catches NaN.
       fail(f"model.logit_softcap must be >= 0 (0 = off), got {self.logit_softcap}")
     parse_windows(self.attention_window, self.n_layer)  # Raises on a bad entry.
+    if self.attention_impl not in ("einsum", "xla", "cudnn", "splash"):
+      fail(f"model.attention_impl={self.attention_impl!r} is not one of einsum, xla, cudnn, "
+           "splash (the config's auto resolves to one of them)")
 
   @property
   def head_dim(self) -> int:

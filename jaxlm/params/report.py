@@ -59,7 +59,11 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
   if device:
     known = devices.lookup(device)
     device = known.name
-    peak_tflops = peak_tflops or known.peak_tflops
+    if cfg.model.dtype == "auto":  # As the target device would resolve it, not this machine.
+      cfg = cfg.copy_and_resolve_references()
+      with cfg.unlocked():
+        cfg.model.dtype = "bfloat16"  # Every device in the table is an accelerator.
+    peak_tflops = peak_tflops or known.peak(cfg.model.dtype) / 1e12
     device_memory_gib = device_memory_gib or known.memory_gib
   vocab_size, vocab_source = config_lib.resolve_vocab_size(cfg)
   recipe = build_lib.make_recipe(cfg, vocab_size)
