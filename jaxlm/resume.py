@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import fnmatch
+import hashlib
 import json
 from typing import Any
 
@@ -62,7 +63,7 @@ POLICY: tuple[tuple[str, str, str], ...] = (
     ("optim.b2", REFUSE, "the saved moments are averages with it"),
     ("optim.muon_beta", REFUSE, "the saved momentum is an average with it"),
     ("optim.*", WARN, "it changes the updates from here on"),
-    ("train.batch_size", REFUSE, "every step's batch (the data order) depends on it"),
+    ("train.batch_size", REFUSE, "every step's batch, the data order, depends on it"),
     ("train.dropout_rng", REFUSE, "it draws the dropout masks"),
     ("train.steps", WARN, "the lr schedule decays to train.steps, so it changes from here on"),
     ("train.z_loss", WARN, "it changes the loss from here on"),
@@ -182,7 +183,7 @@ def check_config(cfg: ml_collections.ConfigDict, prior: Prior) -> list[Change]:
   line) the first change that breaks the saved state, before any data is read."""
   if prior.latest is None or prior.config is None:
     return []
-  found = changes(prior.config, resolved_config(cfg, prior))
+  found = [_moved_corpus(c, prior) for c in changes(prior.config, resolved_config(cfg, prior))]
   refused = [c for c in found if c.policy == REFUSE]
   if refused:
     c = refused[0]
@@ -195,6 +196,20 @@ def check_config(cfg: ml_collections.ConfigDict, prior: Prior) -> list[Change]:
     log("resume at step %d changes %s: %r -> %r%s", prior.latest, c.key, c.old, c.new,
         f" ({c.why})" if c.why else "")
   return found
+
+
+def _moved_corpus(c: Change, prior: Prior) -> Change:
+  """A data.path that names the same corpus (by its sha256) as the saved run's: allowed."""
+  saved = prior.meta.get("data_sha256")
+  if c.key != "data.path" or not saved or not isinstance(c.new, str):
+    return c
+  try:
+    raw, _ = data_lib.read_corpus(c.new)
+  except JaxlmError:
+    return c  # No corpus there: refused as another path.
+  if hashlib.sha256(raw).hexdigest() != saved:
+    return c
+  return dataclasses.replace(c, policy=ALLOW, why="the same corpus (sha256) at another path")
 
 
 def hint(cfg: ml_collections.ConfigDict, prior: Prior, refused: list[Change]) -> str:
