@@ -172,11 +172,11 @@ def parse_flags(fv: flags.FlagValues, argv: list[str]) -> list[str]:
       msg = (f"config file {_config_path(argv)!r} has no get_config(): define get_config() "
              "returning the experiment's ml_collections.ConfigDict")
     else:
-      msg = (f"cannot load config file {_config_path(argv)!r}: {type(e).__name__}: {key}"
+      msg = (f"cannot load the config file {_config_path(argv)!r}: {type(e).__name__}: {key}"
              + (f" ({hint})" if hint else ""))
   except Exception as e:  # noqa: BLE001  (raised inside the user's config file while loading it)
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    msg = f"cannot load config file {_config_path(argv)!r}: {type(e).__name__}: {first}"
+    msg = f"cannot load the config file {_config_path(argv)!r}: {type(e).__name__}: {first}"
   raise JaxlmError(msg)
 
 
@@ -198,7 +198,7 @@ def _flag_error(text: str) -> str:
     return "bad flag value"
   if "Error whilst parsing config file" in lines[0] and len(lines) > 1:
     flag = lines[0].split(": Error whilst")[0].removeprefix("flag --config=")
-    return f"cannot load config file {flag!r}: get_config() raised {lines[-1].strip()}"
+    return f"cannot load the config file {flag!r}: get_config() raised {lines[-1].strip()}"
   return lines[0]
 
 
