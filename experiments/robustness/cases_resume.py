@@ -10,9 +10,10 @@ from harness import Case, jaxlm, train_smoke
 
 SM = ["--config", "{SM}", "--workdir", "{W}"]
 SHORT = ("--config.train.steps=2", "--config.train.eval_every=0", "--config.checkpoint.every=0")
-# A corpus beside the workdir, with a 'z' and no '~'.
+# A corpus beside the workdir, with a 'z' and no '~'; 56 characters, more than sample.top_k.
 CORPUS_ARG = "--config.data.path={W}/../corpus.txt"
-CORPUS = "the lazy dog jumps over a quick brown fox; zebras graze in the hazy maze.\n" * 30
+CORPUS = ("the lazy dog jumps over a quick brown fox; ZEBRAS graze in the hazy maze.\n"
+          "Fourscore and seven years ago, 0123456789 (ok) [yes] {no}!?\n") * 14
 
 
 def corpus_path(workdir: str) -> str:
