@@ -100,11 +100,12 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *,
   return dataclasses.replace(mcfg, attention_impl=impl)
 
 
-def resolved_dict(cfg: ml_collections.ConfigDict,
-                  mcfg: model_lib.ModelConfig) -> dict[str, Any]:
-  """`cfg` as the JSON of config.json: the vocabulary and family presets filled in."""
+def resolved_dict(cfg: ml_collections.ConfigDict, mcfg: model_lib.ModelConfig | None = None,
+                  *, vocab_size: int = 0) -> dict[str, Any]:
+  """`cfg` as the JSON of config.json: the vocabulary (mcfg's, else `vocab_size`) and family
+  presets filled in."""
   resolved = cfg.to_dict()
-  resolved["model"]["vocab_size"] = mcfg.vocab_size
+  resolved["model"]["vocab_size"] = mcfg.vocab_size if mcfg else vocab_size
   resolved["model"].update(resolved_architecture(cfg.model))  # config.json says what ran.
   return resolved
 
@@ -168,12 +169,14 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   wandb_sink.check(cfg)  # A missing wandb is an error now, not after compiling.
 
 
-def load_dataset(cfg: ml_collections.ConfigDict, *, log=logging.info,
-                 rebuild: bool = False) -> data_lib.Dataset | batches_lib.StoreData:
+def load_dataset(cfg: ml_collections.ConfigDict, *, log=logging.info, rebuild: bool = False,
+                 tokenizer: tokenizers.Tokenizer | None = None
+                 ) -> data_lib.Dataset | batches_lib.StoreData:
   """The corpus and tokenizer that `cfg.data` names, split, checked against the block size.
 
   With data.sources: the prepared token stores (prepared first when missing, with progress
-  through `log`); else data.path tokenized in memory (jaxlm/data.py).
+  through `log`; they hold their tokenizer); else data.path tokenized in memory
+  (jaxlm/data.py), with `tokenizer` (a run's own) when given.
   """
   if corpus_spec.uses_sources(cfg):
     return batches_lib.load(corpus_spec.from_config(cfg), cfg.model.block_size, log=log,
@@ -183,7 +186,7 @@ def load_dataset(cfg: ml_collections.ConfigDict, *, log=logging.info,
   return data_lib.load_dataset(cfg.data.path, cfg.data.tokenizer,
                                val_fraction=cfg.data.val_fraction,
                                block_size=cfg.model.block_size, cache_dir=cfg.data.cache_dir,
-                               vocab_size=vocab_size)
+                               vocab_size=vocab_size, saved=tokenizer)
 
 
 def resolve_vocab_size(cfg: ml_collections.ConfigDict) -> tuple[int, str]:

@@ -95,18 +95,21 @@ def default_cache_dir() -> str:
 
 
 def load_dataset(path: str, tokenizer: str, *, val_fraction: float, block_size: int,
-                 cache_dir: str = "", vocab_size: int = 0) -> Dataset:
+                 cache_dir: str = "", vocab_size: int = 0,
+                 saved: tokenizers.Tokenizer | None = None) -> Dataset:
   """Reads, tokenizes (once, cached on disk) and splits a corpus; checks it fits the context.
 
   `tokenizer` is a kind (char | byte | bpe) or a tokenizer.json path; `vocab_size` is the
-  target vocabulary of a bpe tokenizer trained on the corpus.
+  target vocabulary of a bpe tokenizer trained on the corpus. `saved` (a resumed run's own
+  tokenizer) encodes the corpus instead of one derived from it, whose ids could differ; a
+  character it lacks raises tokenizers.UnknownCharacters.
   """
   if not 0.0 < val_fraction < 1.0:
     raise JaxlmError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
   raw, source = read_corpus(path)
   digest = hashlib.sha256(raw).hexdigest()
   tokens, tok = _tokenize_cached(raw, digest, tokenizer, cache_dir or default_cache_dir(),
-                                 name=source, vocab_size=vocab_size)
+                                 name=source, vocab_size=vocab_size, saved=saved)
   n_val = int(len(tokens) * val_fraction)
   train, val = tokens[:len(tokens) - n_val], tokens[len(tokens) - n_val:]
   for split, arr in (("train", train), ("val", val)):
@@ -119,14 +122,18 @@ def load_dataset(path: str, tokenizer: str, *, val_fraction: float, block_size: 
 
 
 def _tokenize_cached(raw: bytes, digest: str, kind: str, cache_dir: str, name: str,
-                     vocab_size: int = 0) -> tuple[np.ndarray, tokenizers.Tokenizer]:
+                     vocab_size: int = 0, saved: tokenizers.Tokenizer | None = None
+                     ) -> tuple[np.ndarray, tokenizers.Tokenizer]:
   """Flat token array cached as raw uint16/uint32 plus a JSON sidecar (no pickle).
 
   A trained BPE tokenizer lives in the sidecar too, so it is trained once per (corpus,
   vocab size); a tokenizer file is keyed by a hash of its contents.
   """
   tag = kind
-  if kind == "bpe":
+  if saved is not None:  # Keyed by the tokenizer itself: the same corpus, other ids.
+    tag = "run-" + hashlib.sha256(json.dumps(saved.to_json(), sort_keys=True).encode(
+        "utf-8")).hexdigest()[:16]
+  elif kind == "bpe":
     tag = f"bpe{vocab_size}"
   elif tokenizers.is_tokenizer_path(kind):
     try:
@@ -152,7 +159,11 @@ def _tokenize_cached(raw: bytes, digest: str, kind: str, cache_dir: str, name: s
           logging.warning("token cache %s fails its checksum (damaged): rebuilding it", bin_path)
     except (OSError, ValueError, KeyError):
       pass  # A damaged cache entry is simply rebuilt below.
-  if kind == "char":
+  if saved is not None:
+    tok = saved
+    ids = tok.encode(raw if tok.kind == "byte" else
+                     tokenizers.decode_utf8(raw, name=f"corpus {name!r}"))
+  elif kind == "char":
     tok = tokenizers.make_tokenizer(kind, raw)
     ids = tok.encode(tokenizers.decode_utf8(raw, name=f"corpus {name!r}"))
   elif kind == "byte":

@@ -10,17 +10,20 @@ from typing import Any
 import flax.linen as nn
 import jax
 import ml_collections
+from absl import logging
 
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import evaluate, sharding, tokenizers
 from jaxlm import model as model_lib
+from jaxlm import resume as resume_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 from jaxlm.tasks import suite as suite_lib
 from jaxlm.tasks import task as task_lib
 
 PyTree = Any
+SECTIONS = ("model", "train", "data", "optim")  # What every run's config.json has.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,13 +38,54 @@ class Run:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """The workdir's config.json; one line naming what is missing when it is not a run."""
+  """The workdir's config.json; one line naming what is missing when it is not a run.
+
+  A config.json that is missing or damaged (not JSON, not a config) is read from the latest
+  checkpoint's meta, which holds the same resolved config, with a warning; without one, one
+  line names the file and what to do.
+  """
   root = workdir_lib.path(workdir)
   if not root.is_dir():
     raise JaxlmError(f"no run in {workdir!r}: the directory does not exist")
-  if not (root / "config.json").exists():
+  path = root / "config.json"
+  if not path.exists() and not (root / "checkpoints").is_dir():
     raise JaxlmError(f"no run in {workdir!r}: it has no config.json")
-  return ml_collections.ConfigDict(json.loads(workdir_lib.read_text(root / "config.json")))
+  saved = resume_lib.read_json(path)
+  if saved is not None and all(isinstance(saved.get(k), dict) for k in SECTIONS):
+    return ml_collections.ConfigDict(saved)
+  why = "is damaged" if path.exists() else "is missing"
+  meta = latest_meta(workdir)
+  if isinstance(meta.get("config"), dict):
+    logging.warning("%s %s; using the config saved with checkpoint %s", path, why, meta["step"])
+    return ml_collections.ConfigDict(meta["config"])
+  raise JaxlmError(f"{path} {why} and no checkpoint holds a copy of the config: restore it "
+                   "(a run's config.json is its resolved config, as JSON)")
+
+
+def latest_meta(workdir: str) -> dict[str, Any]:
+  """The latest checkpoint's meta (config, tokenizer, step), or {} when there is none."""
+  ckpt_dir = workdir_lib.path(workdir) / "checkpoints"
+  if not ckpt_dir.is_dir():
+    return {}
+  ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
+  try:
+    latest = ckpt.latest_step()
+    return {} if latest is None else {**ckpt.meta(latest), "step": latest}
+  finally:
+    ckpt.close()
+
+
+def read_tokenizer(workdir: str, required: bool) -> tokenizers.Tokenizer | None:
+  """tokenizer.json, else (damaged or missing) the latest checkpoint's copy, with a warning."""
+  path = workdir_lib.path(workdir) / "tokenizer.json"
+  try:
+    return tokenizers.load(path) if required or path.exists() else None
+  except JaxlmError as e:
+    saved = latest_meta(workdir).get("tokenizer")
+    if not isinstance(saved, dict):
+      raise
+    logging.warning("%s; using the tokenizer saved with the latest checkpoint", e)
+    return tokenizers.from_json(saved)
 
 
 def abstract_params(model: model_lib.DecoderLM, mesh: jax.sharding.Mesh,
@@ -74,8 +118,7 @@ def load_run(workdir: str, step: int | str | None = None, *,
   `jaxlm convert --to_hf` can still export).
   """
   cfg = read_config(workdir)
-  tok_path = workdir_lib.path(workdir) / "tokenizer.json"
-  tok = tokenizers.load(tok_path) if need_tokenizer or tok_path.exists() else None
+  tok = read_tokenizer(workdir, need_tokenizer)
   if tok is None and not cfg.model.vocab_size:
     raise JaxlmError(f"{workdir_lib.path(workdir) / 'config.json'} has no model.vocab_size "
                      "and the run has no tokenizer.json")
@@ -117,7 +160,8 @@ def evaluate_run(workdir: str, step: int | str | None = None, eval_steps: int | 
 
 def _validation(run: Run, eval_steps: int | None) -> dict[str, Any]:
   cfg = run.cfg
-  dataset = config_lib.load_dataset(cfg)
+  # The run's own tokenizer: one derived again from a corpus edited since would shift its ids.
+  dataset = config_lib.load_dataset(cfg, tokenizer=run.tokenizer)
   n = eval_steps or cfg.train.eval_steps
   eval_fn = jax.jit(functools.partial(evaluate.eval_steps, model=run.model))
   table = dataset.tokenizer.token_bytes() if run.tokenizer else None

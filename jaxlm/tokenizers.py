@@ -27,6 +27,15 @@ INSTALL_HINT = "the bpe tokenizer needs Hugging Face tokenizers: pip install 'ja
 MIN_BPE_VOCAB = 257  # The 256 byte symbols plus at least one merge.
 
 
+class UnknownCharacters(JaxlmError):
+  """Text with characters a char tokenizer's vocabulary lacks (`chars`, sorted)."""
+
+  def __init__(self, chars: str):
+    self.chars = chars
+    super().__init__(f"text has {len(chars)} character(s) the char tokenizer does not know: "
+                     f"{chars!r}")
+
+
 def _hf_tokenizers():
   try:
     import tokenizers as hf_tokenizers
@@ -94,10 +103,7 @@ class CharTokenizer:
     ids = np.minimum(ids, len(self.chars) - 1)
     bad = self._codepoints[ids] != cps
     if bad.any():
-      unknown = sorted({chr(c) for c in cps[bad]})
-      raise JaxlmError(
-          f"text has {len(unknown)} character(s) the char tokenizer does not know: "
-          f"{''.join(unknown)!r}")
+      raise UnknownCharacters("".join(sorted({chr(c) for c in cps[bad]})))
     return ids.astype(np.int32)
 
   def decode(self, ids: Any) -> str:

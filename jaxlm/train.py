@@ -8,7 +8,6 @@ is defined here, and each piece takes the train state as an argument.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from typing import Any
@@ -24,6 +23,7 @@ from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate, metrics, optim, run_log, runs, sharding, tokenizers, wandb_sink
 from jaxlm import model as model_lib
+from jaxlm import resume as resume_lib
 from jaxlm import step as step_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.corpus import batches as batches_lib
@@ -32,24 +32,6 @@ from jaxlm.host import allocator
 from jaxlm.preemption import StopRequest
 from jaxlm.step import TrainState
 from jaxlm.tasks import suite as suite_lib
-
-
-def check_resumable(workdir: str, resolved: dict[str, Any], latest: int | None) -> None:
-  """Refuses to continue a run whose saved model hyperparameters differ from `resolved`.
-
-  Only a workdir with a checkpoint holds a run: a config.json without one is from an attempt
-  that never saved, and the next attempt may change anything.
-  """
-  root = workdir_lib.path(workdir)
-  if latest is None or not (root / "config.json").exists():
-    return
-  saved = json.loads(workdir_lib.read_text(root / "config.json"))
-  for key, value in resolved["model"].items():
-    if key in saved.get("model", {}) and saved["model"][key] != value:
-      raise JaxlmError(
-          f"workdir {workdir} holds a run with model.{key}={saved['model'][key]!r} but the "
-          f"config says {value!r}; use a new workdir (with --config.train.init_from={workdir} "
-          "to start from its weights)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +67,6 @@ class Batches:
                                 ["targets"]].sum()) for i in range(n))
       out[name] = (sharding.host_to_global(host, self.sharding), n_bytes)
     return out
-
-
-def open_checkpoints(workdir: str, keep: int) -> tuple[checkpoint_lib.Checkpointer, int | None]:
-  """The run's checkpoint manager and its latest step; refuses a workdir it cannot resume."""
-  ckpt = checkpoint_lib.Checkpointer(workdir_lib.path(workdir) / "checkpoints", keep=keep)
-  latest = ckpt.latest_step()
-  if latest is not None and ckpt.meta(latest).get("params_only"):
-    raise JaxlmError(f"workdir {workdir} holds imported params without optimizer state (step "
-                     f"{latest}); train from them in a new workdir with "
-                     f"--config.train.init_from={workdir}")
-  return ckpt, latest
 
 
 def restore_or_init(setup: build_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
@@ -278,7 +249,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   config_lib.validate_config(cfg)
   root = workdir_lib.prepare(workdir)  # A local path or gs:// URL (see workdir.py).
   is_main = jax.process_index() == 0
-  dataset = config_lib.load_dataset(cfg)
+  # A resume: its changes checked before any data is read, its own tokenizer (resume.py).
+  prior = resume_lib.open_run(workdir, cfg)
+  dataset = resume_lib.load_dataset(cfg, prior)
   setup = build_lib.build(cfg, dataset.tokenizer.vocab_size)
   training, total_steps, per_call = setup.training, cfg.train.steps, cfg.train.steps_per_call
   logging.info("process %d of %d: %d of %d devices; mesh %s; this process holds %s",
@@ -292,9 +265,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   # --- Restore or init. Nothing in the workdir changes before the run is known to proceed
   # (restored and compiled): a refused resume leaves config.json describing the saved run.
   resolved = config_lib.resolved_dict(cfg, setup.mcfg)
-  ckpt, latest = open_checkpoints(workdir, cfg.checkpoint.keep)
-  check_resumable(workdir, resolved, latest)
-  ckpt_meta = {"config": resolved, "tokenizer": dataset.tokenizer.to_json()}
+  ckpt, latest = prior.ckpt, prior.latest
+  ckpt_meta = resume_lib.checkpoint_meta(resolved, dataset)
   # SIGTERM during the restore, compile or step-0 eval stops after the first call (a save).
   stop, state = StopRequest(), restore_or_init(setup, ckpt, latest, cfg.train.init_from)
   log_setup(cfg, setup, dataset, state.params)
@@ -305,8 +277,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   steps_fn = compile_steps(training, state, batches.train(step, per_call), setup.dropout_rng)
   eval_batches = batches.eval(cfg.train.eval_steps)
   if is_main:  # The first writes to the workdir (the writer's files and W&B's id come next).
-    tokenizers.save(dataset.tokenizer, root / "tokenizer.json")
-    workdir_lib.write_text(root / "config.json", json.dumps(resolved, indent=2, sort_keys=True))
+    resume_lib.write_run(root, dataset.tokenizer, resolved, prior)
   writer, step_log = open_records(cfg, setup, state, workdir, resolved, samples, ckpt, latest)
 
   final = {}

@@ -208,9 +208,10 @@ def test_bad_checkpoint_inputs_are_one_line_errors_and_change_nothing(tmp_path):
   workdir = trained_smoke(tmp_path)
   before = snapshot(workdir)
 
-  # Same workdir, another model shape: refuse, point at init_from.
+  # Same workdir, another model shape: refuse; init_from cannot serve it (issue 23, item 17).
   proc = run_jaxlm("train", "--config", SMOKE, "--workdir", workdir, "--config.model.n_layer=3")
-  assert_one_line_error(proc, "model.n_layer=2", "init_from")
+  line = assert_one_line_error(proc, "model.n_layer=2", "new workdir")
+  assert "--config.train.init_from" not in line
 
   # Fine-tuning from a run of another shape: name the parameter and both shapes.
   proc = run_jaxlm("train", "--config", SMOKE, "--workdir", str(tmp_path / "ft"),

@@ -108,7 +108,7 @@ def test_a_refused_or_failed_start_leaves_the_workdir_as_it_was(tmp_path):
   # An optimizer whose state does not match the checkpoint's: refused, and nothing changed.
   before = snapshot(workdir)
   cfg.optim.name = "sgd"
-  with pytest.raises(JaxlmError, match="does not match this model's opt_state"):
+  with pytest.raises(JaxlmError, match="optim.name='adamw' but the config says 'sgd'"):
     train.train_and_evaluate(cfg, workdir)
   assert snapshot(workdir) == before
 

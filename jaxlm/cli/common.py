@@ -156,20 +156,50 @@ def parse_flags(fv: flags.FlagValues, argv: list[str]) -> list[str]:
   except flags.UnrecognizedFlagError:
     raise
   except flags.Error as e:
-    msg = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+    msg = _flag_error(str(e))
   except (KeyError, AttributeError) as e:
-    # ml_collections reports an unknown override key as KeyError('key\nDid you mean ...?').
+    # ml_collections reports an unknown override key as KeyError('key\nDid you mean ...?');
+    # the same types come from the config file itself (no get_config, a misspelt key there).
     text = str(e.args[0] if e.args else e)
     text = text.replace("\\n", "\n").replace('\\"', '"').replace("\\'", "'")
     lines = [line.strip("'\" ") for line in text.splitlines()] or [""]
     key, hint = lines[0], (lines[1] if len(lines) > 1 else "")
     flag = next((a.split("=")[0] for a in argv[1:]
-                 if a.startswith("--config.") and key in a.split("=")[0].split(".")), key)
-    msg = f"unknown config key {flag}" + (f" ({hint})" if hint else "")
+                 if a.startswith("--config.") and key in a.split("=")[0].split(".")), None)
+    if flag:
+      msg = f"unknown config key {flag}" + (f" ({hint})" if hint else "")
+    elif "has no attribute 'get_config'" in text:
+      msg = (f"config file {_config_path(argv)!r} has no get_config(): define get_config() "
+             "returning the experiment's ml_collections.ConfigDict")
+    else:
+      msg = (f"cannot load the config file {_config_path(argv)!r}: {type(e).__name__}: {key}"
+             + (f" ({hint})" if hint else ""))
   except Exception as e:  # noqa: BLE001  (raised inside the user's config file while loading it)
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    msg = f"cannot load the config file: {type(e).__name__}: {first}"
+    msg = f"cannot load the config file {_config_path(argv)!r}: {type(e).__name__}: {first}"
   raise JaxlmError(msg)
+
+
+def _config_path(argv: list[str]) -> str:
+  """The --config file named in argv (its value, without a ':ARGS' suffix)."""
+  for i, a in enumerate(argv):
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+    if a.startswith("--config="):
+      return a[len("--config="):].split(":")[0]
+  return "?"
+
+
+def _flag_error(text: str) -> str:
+  """absl's message for a bad flag value; for a config file whose get_config() raised, it holds
+  the traceback, whose last line names the exception (the first says only "Error whilst")."""
+  lines = [line for line in text.strip().splitlines() if line.strip()]
+  if not lines:
+    return "bad flag value"
+  if "Error whilst parsing config file" in lines[0] and len(lines) > 1:
+    flag = lines[0].split(": Error whilst")[0].removeprefix("flag --config=")
+    return f"cannot load the config file {flag!r}: get_config() raised {lines[-1].strip()}"
+  return lines[0]
 
 
 def load_config(fv: flags.FlagValues) -> None:
@@ -180,6 +210,9 @@ def load_config(fv: flags.FlagValues) -> None:
       config.keys()  # A file that failed to load stands in as an object that raises on use.
   except Exception as e:  # noqa: BLE001  (any failure inside the user's config file)
     path = config_flags.get_config_filename(fv["config"])
+    if isinstance(e, AttributeError) and "'keys'" in str(e):
+      raise JaxlmError(f"get_config() in {path!r} returned {type(config).__name__}, not an "
+                       "ml_collections.ConfigDict") from None
     if not os.path.exists(path):
       raise JaxlmError(f"config file not found: {path!r}") from None
     cause = e.__cause__ or e

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from jaxlm import model as model_lib
+from jaxlm import resume as resume_lib
 from jaxlm import runs
 from jaxlm import step as step_lib
 from jaxlm.errors import JaxlmError
@@ -107,12 +108,15 @@ def run_report(workdir: str, step: int | str | None = None) -> dict[str, Any]:
   `step`: a checkpoint step, 'best', or None / 'latest'.
   """
   run = runs.load_run(workdir, step)
-  report = drift_report(run.params, initial_params(run.model, run.cfg.seed),
+  # The seed the run began with: config.json says the latest one (an older jaxlm let a
+  # resume change it), the history the first.
+  seed = resume_lib.original_seed(workdir, run.cfg.seed)
+  report = drift_report(run.params, initial_params(run.model, seed),
                         scanned=run.model.cfg.scan_layers)
-  report.update(workdir=workdir, step=int(run.step), seed=run.cfg.seed,
+  report.update(workdir=workdir, step=int(run.step), seed=seed,
                 total=sum(r["count"] for r in report["tensors"]), warnings=[])
   if run.cfg.train.init_from:
     report["warnings"].append(
         f"this run started from train.init_from={run.cfg.train.init_from!r}: drift is measured "
-        f"from the random init of seed {run.cfg.seed}, not from those params")
+        f"from the random init of seed {seed}, not from those params")
   return report
