@@ -32,10 +32,10 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from jaxlm import attention, defaults, tokenizers
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
-from jaxlm import defaults, tokenizers
 from jaxlm import workdir as workdir_lib
 from jaxlm.corpus import batches as batches_lib
 from jaxlm.corpus import spec as corpus_spec
@@ -54,6 +54,7 @@ POLICY: tuple[tuple[str, str, str], ...] = (
     # The same math either way (defaults.py): a resume may trade memory or speed.
     ("model.remat", ALLOW, "recomputation only"),
     ("model.attention_block", ALLOW, "the same attention in blocks"),
+    ("model.attention_impl", ALLOW, "the same attention through another kernel"),
     ("model.*", REFUSE, "the saved params are that model's"),
     ("optim.name", REFUSE, "the saved optimizer state is that optimizer's"),
     ("optim.groups.*.lr_mult", WARN, "it scales the group's lr from here on"),
@@ -173,6 +174,8 @@ def changes(saved: dict[str, Any], new: dict[str, Any]) -> list[Change]:
     value = new_flat.get(key, base.get(key))
     if key == "model.vocab_size" and not value:
       continue
+    if key == "model.dtype":  # "auto" is the dtype this platform resolves it to.
+      old, value = attention.resolve_dtype(old), attention.resolve_dtype(value)
     if old != value:
       out.append(Change(key, old, value, *policy(key)))
   return out
