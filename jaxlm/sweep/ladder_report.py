@@ -151,14 +151,24 @@ def _markdown(points: list[dict[str, Any]], fits: list[dict[str, Any]], record: 
   return lines
 
 
+def _save(fig: Any, path: str) -> None:
+  """As report's plots are saved (report imports this module, so not from there)."""
+  import io
+
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  buf = io.BytesIO()
+  fig.savefig(buf, dpi=110, format="png")
+  workdir_lib.write_bytes(path, buf.getvalue())
+  plt.close(fig)
+
+
 def _plots(workdir: str, points: list[dict[str, Any]], fits: list[dict[str, Any]],
            record: dict[str, Any]) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
-
-  from jaxlm.sweep.report import _save
 
   if not points:
     return []
