@@ -79,7 +79,6 @@ def test_malformed_ladders_are_refused_naming_the_problem(tmp_path, name):
   assert "\n" not in str(e.value)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", ["unknown_key", "same_size_twice", "size_sets_steps"])
 def test_malformed_ladder_is_one_line_error_and_the_workdir_is_untouched(tmp_path, name):
   body, fragments = BAD_LADDERS[name]

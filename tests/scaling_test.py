@@ -224,6 +224,7 @@ def test_two_size_ladder_runs_and_its_summary_says_why_the_fit_is_skipped(tmp_pa
   proc = run_jaxlm("sweep", "--config", config, "--workdir", str(workdir), "--parallel", "2")
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "sweep: 2/2 done" in proc.stderr
+  assert "a ladder of 2 size(s): its trials run, but fitting L(N)" in proc.stderr  # Said first.
   assert "scaling fit L(N) skipped: needs at least 3 distinct sizes" in proc.stderr
   out = json.loads((workdir / "scaling.json").read_text())
   points = sorted(out["points"], key=lambda p: p["n_total"])

@@ -25,6 +25,7 @@ import dataclasses
 from typing import Any
 
 import ml_collections
+from absl import logging
 
 from jaxlm.errors import JaxlmError
 from jaxlm.sweep.overrides import resolve
@@ -118,6 +119,9 @@ def plan(cfg: ml_collections.ConfigDict, lad: Any) -> tuple[list[Trial], list[di
   if not isinstance(lad, Ladder):
     raise JaxlmError("get_ladder() must return sweep.ladder({name: {overrides}}, ...), got "
                      f"{type(lad).__name__}")
+  if len(lad.sizes) < 3:  # Not an error: the trials are worth running, only the fit is not made.
+    logging.warning("a ladder of %d size(s): its trials run, but fitting L(N) = E + A / N^alpha "
+                    "needs at least 3", len(lad.sizes))
   trials, points = [], []
   for name, size in lad.sizes.items():
     try:
