@@ -194,6 +194,25 @@ def test_ladder_summary_fits_l_of_n_and_l_of_d(tmp_path):
     assert (workdir / name).read_bytes()[:8] == PNG_MAGIC and f"]({name})" in table
 
 
+def test_a_ladder_without_a_floor_also_reports_the_pure_power_law(tmp_path):
+  # Losses whose log-log slope steepens with N (as experiments/scaling_ladder measured): no
+  # floor in sight, so the free fit sits at E's bound and says so, and the E = 0 fit gives the
+  # slope with a real uncertainty.
+  sizes = {f"d{d}": {"model.d_model": d, "model.n_head": 4} for d in (16, 32, 48, 64, 96)}
+  workdir = tmp_path / "sw"
+  fake_ladder(workdir, sweep.ladder(sizes), lambda c, d: 3.5 - 0.02 * np.log(c["total"])**1.5)
+  report.summarize(str(workdir))
+  out = json.loads((workdir / "scaling.json").read_text())
+  free = next(f for f in out["fits"] if f["law"] == "L(N)" and f["n"] == "total")
+  assert free["E"] < 1e-6 and "E sits at its bound 0" in free["note"]
+  pure = next(f for f in out["fits"] if f["law"] == "L(N), E = 0" and f["n"] == "total")
+  n, loss = zip(*[(p["n_total"], p["loss"]) for p in out["points"]], strict=True)
+  slope = np.polyfit(np.log(n), np.log(loss), 1)[0]
+  assert pure["alpha"] == pytest.approx(-slope) and 0 < pure["alpha_err"] < pure["alpha"]
+  assert "| L(N) = A / N^alpha (E = 0) | base steps, N with embeddings | 5 |" in (
+      workdir / "results.md").read_text()
+
+
 def test_isoflop_ladder_summary_finds_each_budgets_optimum(tmp_path):
   sizes = {f"d{d}": {"model.d_model": d, "model.n_head": 4} for d in (16, 32, 64, 128, 256)}
   law = lambda c, d: 1.0 + 40 * c["total"]**-0.35 + 60 * d**-0.35

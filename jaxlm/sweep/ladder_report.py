@@ -88,6 +88,14 @@ def fit_ladder(points: list[dict[str, Any]], record: dict[str, Any]) -> list[dic
         fit = scaling.fit_power_law([p[f"n_{n_key}"] for p in at], [p["loss"] for p in at],
                                     f"sizes finished at {_budget_label(kind, b)}")
         fits.append({"law": "L(N)", "budget": b, "n": n_key, **fit.as_dict()})
+        if fit.note == scaling.E_AT_BOUND:  # No floor in sight: the slope of a pure power law.
+          line = scaling.fit_line_loglog([p[f"n_{n_key}"] for p in at], [p["loss"] for p in at])
+          pure = line.as_dict()
+          if "a" in pure:
+            a, b_err = math.exp(pure.pop("b")), pure.pop("b_err")
+            pure.update(alpha=-pure.pop("a"), alpha_err=pure.pop("a_err"), A=a,
+                        A_err=None if b_err is None else a * b_err)  # d(e^b) = e^b db.
+          fits.append({"law": "L(N), E = 0", "budget": b, "n": n_key, **pure})
   if kind is not None:
     for size in sizes:
       at = [p for p in points if p["size"] == size]
@@ -105,6 +113,8 @@ def _constants(f: dict[str, Any]) -> str:
                    for n in ("E", "A", "alpha", "a", "b", "c") if n in f)
   if f.get("skipped"):
     text = (text + "; " if text else "") + f"skipped: {f['skipped']}"
+  if f.get("note"):
+    text += f" ({f['note']})"
   return text
 
 
@@ -132,10 +142,9 @@ def _markdown(points: list[dict[str, Any]], fits: list[dict[str, Any]], record: 
   lines += ["", "| fit | of | points | constants (± one standard deviation) |",
             "|---|---|---|---|"]
   for f in fits:
-    if f["law"] == "L(N)":
-      what = (f"{_budget_label(kind, f['budget'])}, N "
-              f"{dict(N_KINDS)[f['n']]}")
-      law = "L(N) = E + A / N^alpha"
+    if f["law"].startswith("L(N)"):
+      what = f"{_budget_label(kind, f['budget'])}, N {dict(N_KINDS)[f['n']]}"
+      law = "L(N) = E + A / N^alpha" if f["law"] == "L(N)" else "L(N) = A / N^alpha (E = 0)"
     elif f["law"] == "L(D)":
       what, law = f"size {f['size']}", "L(D) = E + A / D^alpha"
     elif f["law"] == "isoflop":

@@ -23,6 +23,10 @@ SCIPY_MISSING = ("needs scipy, which is not installed: pip install 'jaxlm[scalin
                  "pip install scipy)")
 
 
+E_AT_BOUND = ("E sits at its bound 0: these points show no floor, so E and alpha trade off "
+              "and their errors are not spreads; see the E = 0 fit")
+
+
 @dataclasses.dataclass(frozen=True)
 class Fit:
   """A fitted law, or why there is none (`skipped`)."""
@@ -32,6 +36,7 @@ class Fit:
   errors: tuple[float, ...] = ()  # One standard deviation each; inf without residual dof.
   n_points: int = 0
   skipped: str | None = None
+  note: str | None = None  # Made, but read with care (say E sits at its bound 0).
 
   def __getitem__(self, name: str) -> float:
     return self.values[self.names.index(name)]
@@ -51,7 +56,8 @@ class Fit:
   def as_dict(self) -> dict[str, object]:
     if self.skipped:
       return {"kind": self.kind, "skipped": self.skipped, "n_points": self.n_points}
-    return {"kind": self.kind, "n_points": self.n_points,
+    note = {"note": self.note} if self.note else {}
+    return {"kind": self.kind, "n_points": self.n_points, **note,
             **{n: v for n, v in zip(self.names, self.values, strict=True)},
             **{f"{n}_err": _json_float(e) for n, e in zip(self.names, self.errors, strict=True)}}
 
@@ -109,8 +115,10 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], what: str = "points") 
       return Fit("power", n_points=n, skipped=f"curve_fit did not converge: {e}")
   err = _errors(pcov) if n > 3 else np.full(3, np.inf)
   a = math.exp(popt[1])
+  # At the bound the covariance describes a one-sided minimum: its errors are not a spread.
+  note = (E_AT_BOUND if popt[0] <= 1e-6 * y.min() else None)
   return Fit("power", names=("E", "A", "alpha"), values=(float(popt[0]), a, float(popt[2])),
-             errors=(float(err[0]), a * float(err[1]), float(err[2])), n_points=n)
+             errors=(float(err[0]), a * float(err[1]), float(err[2])), n_points=n, note=note)
 
 
 def fit_line_loglog(x: Sequence[float], y: Sequence[float], what: str = "points") -> Fit:
