@@ -172,6 +172,14 @@ def _save(fig: Any, path: str) -> None:
   plt.close(fig)
 
 
+def _loss_axis(ax: Any) -> None:
+  """A log loss axis labelled in plain numbers (a ladder spans a fraction of a decade)."""
+  from matplotlib.ticker import FormatStrFormatter
+  ax.set_yscale("log")
+  ax.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+  ax.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+
+
 def _plots(workdir: str, points: list[dict[str, Any]], fits: list[dict[str, Any]],
            record: dict[str, Any]) -> list[str]:
   import matplotlib
@@ -199,7 +207,7 @@ def _plots(workdir: str, points: list[dict[str, Any]], fits: list[dict[str, Any]
                   label=f"E + A/N^α, α = {f['alpha']:.3g}, E = {f['E']:.3g}")
           ax.plot(beyond, fit.predict(beyond), "--", color=f"C{i}", alpha=0.7)
       ax.set_xscale("log")
-      ax.set_yscale("log")
+      _loss_axis(ax)
       ax.set_xlabel(f"N, parameters {label}")
       ax.grid(True, which="both", alpha=0.3)
       ax.legend(fontsize=7)
@@ -252,7 +260,7 @@ def _plots(workdir: str, points: list[dict[str, Any]], fits: list[dict[str, Any]
       ax.plot(grid, _fit_of(f).predict(grid), "--", color=f"C{i}",
               label=f"{f['size']}: α = {f['alpha']:.3g}")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    _loss_axis(ax)
     ax.set_xlabel("D, tokens trained")
     ax.set_ylabel("final validation loss")
     ax.set_title("loss vs tokens per size")
