@@ -15,7 +15,9 @@ usage: jaxlm sweep --config SWEEP_FILE --workdir DIR [--parallel N] [--config.KE
 Runs (or resumes) the trials of a sweep file, each a `jaxlm train` in a directory of --workdir,
 then writes results.csv, results.md and plots, e.g.
   jaxlm sweep --config configs/sweeps/shakespeare_lr.py --workdir runs/lr --parallel 2
-Adaptive searches (Optuna) can run as several --worker processes sharing one study.
+Adaptive searches (Optuna) can run as several --worker processes sharing one study. A sweep
+file with get_ladder() is a scaling ladder: its summary fits L(N) = E + A / N^alpha, e.g.
+  jaxlm sweep --config configs/sweeps/shakespeare_ladder.py --workdir runs/ladder --parallel 2
 """
 
 FLAGS = flags.FlagValues()  # This command's flags only; the dispatcher parses argv into it.

@@ -19,6 +19,7 @@ import ml_collections
 from absl import logging
 
 from jaxlm.errors import JaxlmError
+from jaxlm.sweep import ladders as ladder_lib
 from jaxlm.sweep.overrides import digest, flag_value, resolve, trial_name
 from jaxlm.sweep.space import Range, Trial, check_range
 
@@ -141,6 +142,7 @@ class Sweep:
   trials: list[TrialSpec] | None = None  # A grid sweep...
   space: dict[str, Range] | None = None  # ...or an adaptive search over these ranges.
   n_trials: int = 0
+  ladder: dict[str, Any] | None = None  # A scaling ladder's sizes and budgets (ladder.record).
   sampler: str = "tpe"
   pruner: str = "median"
   # The command that trains one trial, before its flags (tests substitute a fake trainer).
@@ -154,20 +156,29 @@ def prepare(config_path: str, cfg: ml_collections.ConfigDict, base_overrides: Tr
   file, *arg = config_path.split(":", 1)
   module = load_module(file)
   config_path = ":".join([os.path.abspath(file), *arg])
-  has_grid, has_space = hasattr(module, "get_sweep"), hasattr(module, "get_search_space")
-  if has_grid == has_space:
-    which = "both" if has_grid else "neither"
-    raise JaxlmError(f"{file} must define get_sweep() (a list of trials) or "
-                     f"get_search_space() (an adaptive search), not {which}")
+  kinds = [k for k in ("get_sweep", "get_search_space", "get_ladder") if hasattr(module, k)]
+  if len(kinds) != 1:
+    which = " and ".join(f"{k}()" for k in kinds) if kinds else "neither"
+    raise JaxlmError(f"{file} must define get_sweep() (a list of trials), "
+                     f"get_search_space() (an adaptive search) or get_ladder() (a scaling "
+                     f"ladder), not {which}")
   base = dict(base_overrides)
-  if has_grid:
+  if kinds[0] != "get_search_space":
     if n_trials is not None:
       raise JaxlmError("--n_trials is for adaptive searches; this sweep file lists its trials")
-    trials = module.get_sweep(*arg)
+    record = None
+    if kinds[0] == "get_ladder":
+      lad = module.get_ladder(*arg)
+      trials, points = ladder_lib.plan(cfg, lad)
+    else:
+      trials = module.get_sweep(*arg)
     specs = plan_trials(cfg, trials)
+    if kinds[0] == "get_ladder":
+      record = ladder_lib.record(lad, points, [s.name for s in specs])
     for key in sorted({k for s in specs for k in s.overrides} & set(base)):
       logging.warning("--config.%s is swept: each trial's own value replaces it", key)
-    return Sweep(config_path=config_path, cfg=cfg, base_overrides=base, trials=specs)
+    return Sweep(config_path=config_path, cfg=cfg, base_overrides=base, trials=specs,
+                 ladder=record)
 
   space = module.get_search_space(*arg)
   check_space(cfg, space)

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -76,10 +77,23 @@ def summarize(workdir: str) -> list[dict[str, Any]]:
   keys = swept_keys(rows)
   _write_csv(os.path.join(workdir, "results.csv"), rows, keys)
   plots = write_plots(workdir, rows, keys)
-  _write_markdown(os.path.join(workdir, "results.md"), rows, keys, plots, workdir)
+  extra: list[str] = []
+  record = sweep_record(workdir)
+  if record.get("ladder"):  # A scaling ladder: its fits follow the table.
+    from jaxlm.sweep.ladder_report import summarize_ladder  # Imports jax and scipy.
+    extra, ladder_plots = summarize_ladder(workdir, rows, record["ladder"])
+    plots += ladder_plots
+  _write_markdown(os.path.join(workdir, "results.md"), rows, keys,
+                  [p for p in plots if not p.startswith("scaling_")], workdir, extra)
   logging.info("results of %d trials: %s, %s and %d plot(s) in %s", len(rows), "results.csv",
                "results.md", len(plots), workdir)
   return rows
+
+
+def sweep_record(workdir: str) -> dict[str, Any]:
+  """The workdir's sweep.json ({} for a workdir written before it existed)."""
+  path = workdir_lib.path(workdir) / "sweep.json"
+  return json.loads(workdir_lib.read_text(path)) if path.exists() else {}
 
 
 def _atomic_write(path: str, text: str) -> None:
@@ -105,7 +119,7 @@ def _cell(value: Any, fmt: str = "") -> str:
 
 
 def _write_markdown(path: str, rows: list[dict[str, Any]], keys: list[str], plots: list[str],
-                    workdir: str) -> None:
+                    workdir: str, extra: Sequence[str] = ()) -> None:
   from jaxlm import metrics  # For format_duration; imported lazily (it imports jax).
   counts = {}
   for row in rows:
@@ -129,6 +143,7 @@ def _write_markdown(path: str, rows: list[dict[str, Any]], keys: list[str], plot
     lines += [f"- `{row['trial']}`: {row['error']}" for row in failed]
   if plots:
     lines += [""] + [f"![{os.path.splitext(p)[0]}]({p})" for p in plots]
+  lines += extra
   _atomic_write(path, "\n".join(lines) + "\n")
 
 

@@ -66,6 +66,8 @@ def write_sweep_json(sweep: Sweep, workdir: str) -> None:
   record = {"config": sweep.config_path, "base_overrides": normal(sweep.base_overrides),
             "trials": [s.name for s in sweep.trials or []],
             "search_space": normal(sweep.space), "n_trials": sweep.n_trials}
+  if sweep.ladder is not None:  # What the summary fits (jaxlm/sweep/scaling.py).
+    record["ladder"] = normal(sweep.ladder)
   workdir_lib.write_text(os.path.join(workdir, "sweep.json"), json.dumps(record, indent=2))
 
 
