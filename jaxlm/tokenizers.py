@@ -237,6 +237,9 @@ def decode_utf8(corpus: bytes, name: str = "corpus") -> str:
 
 
 def from_json(d: dict[str, Any]) -> Tokenizer:
+  if not isinstance(d, dict):
+    raise JaxlmError(f"a tokenizer JSON is an object (jaxlm's {{\"kind\": ...}} or a Hugging "
+                     f"Face tokenizer.json), not a JSON {type(d).__name__}")
   kind = d.get("kind")
   if kind == "byte":
     return ByteTokenizer(eot=d.get("eot", False))
@@ -264,4 +267,10 @@ def load(path: str | os.PathLike) -> Tokenizer:
     d = json.loads(workdir_lib.read_text(path))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise JaxlmError(f"tokenizer file {path} is not JSON: {e}") from None
-  return from_json(d)
+  try:
+    return from_json(d)
+  except JaxlmError as e:
+    raise JaxlmError(f"tokenizer file {path}: {e}") from None
+  except (KeyError, TypeError, ValueError) as e:  # A jaxlm kind with a missing or odd field.
+    raise JaxlmError(f"tokenizer file {path} is malformed ({type(e).__name__}: {e}); "
+                     "rewrite it or remove it to derive the tokenizer again") from None

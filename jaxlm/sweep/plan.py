@@ -150,6 +150,18 @@ class Sweep:
       default_factory=lambda: [sys.executable, "-m", "jaxlm.cli", "train"])
 
 
+def call_sweep_file(file: str, fn: Any, arg: list[str]) -> Any:
+  """The sweep file's get_sweep/get_search_space/get_ladder(*arg); its own error becomes one
+  line naming the file and the function (a traceback into user code says less)."""
+  try:
+    return fn(*arg)
+  except JaxlmError:
+    raise
+  except Exception as e:
+    raise JaxlmError(f"{file}: {fn.__name__}({', '.join(map(repr, arg))}) raised "
+                     f"{type(e).__name__}: {e}") from None
+
+
 def prepare(config_path: str, cfg: ml_collections.ConfigDict, base_overrides: Trial, *,
             n_trials: int | None = None) -> Sweep:
   """Loads the sweep file at `config_path` and checks all its trials (or its search space)."""
@@ -168,10 +180,10 @@ def prepare(config_path: str, cfg: ml_collections.ConfigDict, base_overrides: Tr
       raise JaxlmError("--n_trials is for adaptive searches; this sweep file lists its trials")
     record = None
     if kinds[0] == "get_ladder":
-      lad = module.get_ladder(*arg)
+      lad = call_sweep_file(file, module.get_ladder, arg)
       trials, points = ladder_lib.plan(cfg, lad)
     else:
-      trials = module.get_sweep(*arg)
+      trials = call_sweep_file(file, module.get_sweep, arg)
     specs = plan_trials(cfg, trials)
     if kinds[0] == "get_ladder":
       record = ladder_lib.record(lad, points, [s.name for s in specs])
@@ -180,7 +192,7 @@ def prepare(config_path: str, cfg: ml_collections.ConfigDict, base_overrides: Tr
     return Sweep(config_path=config_path, cfg=cfg, base_overrides=base, trials=specs,
                  ladder=record)
 
-  space = module.get_search_space(*arg)
+  space = call_sweep_file(file, module.get_search_space, arg)
   check_space(cfg, space)
   n = n_trials if n_trials is not None else getattr(module, "N_TRIALS", None)
   if not isinstance(n, int) or n < 1:
