@@ -345,18 +345,22 @@ def inspect(step_dir: epath.Path) -> str | None:
       return f"its {name}/_METADATA is missing"
     if not (item / "manifest.ocdbt").exists():
       continue  # Not OCDBT: the arrays' own files are checked on restore.
+    # The item's own d/ holds the merged b-tree (small arrays inline), each process' d/ the
+    # data it wrote; a manifest, a d/ without files or an empty file gone means damage.
     shards = [p for p in item.iterdir() if p.name.startswith("ocdbt.process_")]
     if not shards:
       return f"{name} has no ocdbt.process_* array directory"
     for shard in shards:
       if not (shard / "manifest.ocdbt").exists():
         return f"its {name}/{shard.name}/manifest.ocdbt is missing"
-      files = list((shard / "d").iterdir()) if (shard / "d").is_dir() else []
+    for data in [item / "d"] + [shard / "d" for shard in shards]:
+      files = list(data.iterdir()) if data.is_dir() else []
+      where = os.path.relpath(os.fspath(data), os.fspath(step_dir))
       if not files:
-        return f"its {name}/{shard.name} holds no array data"
+        return f"its {where} holds no array data"
       empty = [f.name for f in files if f.stat().length == 0]
       if empty:
-        return f"its {name}/{shard.name}/d/{empty[0]} is empty"
+        return f"its {where}/{empty[0]} is empty"
   return None
 
 
