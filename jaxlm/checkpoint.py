@@ -213,6 +213,7 @@ class Checkpointer:
   def _orbax(self, step: int, fn: Any) -> Any:
     """fn() (an orbax read of `step`); its errors mean a damaged checkpoint (shapes and
     missing items were checked before): recorded, and raised as DamagedCheckpoint."""
+    _quiet_pending_reads()  # Before the read: its failed siblings report while it unwinds.
     try:
       return fn()
     except JaxlmError:
@@ -222,7 +223,6 @@ class Checkpointer:
       first = (str(e).strip().splitlines() or [""])[0].split(" See full TensorStore")[0]
       why = f"{type(e).__name__} on reading it: {first[:160]}"
       self._damage[int(step)] = why
-      _quiet_pending_reads()
       raise DamagedCheckpoint(self.directory, int(step), why) from None
 
   def _check_shapes(self, step: int, name: str, target: PyTree) -> None:
@@ -295,10 +295,11 @@ class Checkpointer:
 
 
 def _quiet_pending_reads() -> None:
-  """After a failed read of a damaged checkpoint, the reads of it still in flight fail too,
-  after orbax's event loop is gone: tensorstore reports each as an unraisable exception, a
-  traceback ("Event loop is closed") or an asyncio "never retrieved" log. The cause is already
-  named in one line, so those reports are dropped; any other exception still shows."""
+  """When one read of a damaged checkpoint fails, the reads of it still in flight fail too,
+  after orbax's event loop is gone: tensorstore reports each as an unraisable exception
+  ("Event loop is closed") or an asyncio "never retrieved" log, tracebacks on stderr. The
+  failed restore itself is named in one line, so only those reports are dropped (installed
+  once, before the first read); any other exception still shows."""
   def noise(exc: BaseException | None) -> bool:
     text = str(exc)
     return "TensorStore" in text or "OCDBT" in text or text == "Event loop is closed"
