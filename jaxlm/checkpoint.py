@@ -151,7 +151,9 @@ class Checkpointer:
     if step == "best":
       best = self.best_step()
       if best is None:
-        raise JaxlmError(f"no checkpoint in {self.directory} has a finite validation loss")
+        raise JaxlmError(f"no {'good ' if damaged else ''}checkpoint in {self.directory} has a "
+                         "finite validation loss" + (f" (step {skipped[-1]} is damaged: "
+                         f"{damaged[skipped[-1]]}); {self._describe_steps()}" if damaged else ""))
       return best
     if int(step) not in steps:
       raise JaxlmError(f"no checkpoint at step {step} in {self.directory}; available steps: "
