@@ -49,19 +49,21 @@ class _Reader:
 
   def __init__(self, hf_dir: str):
     st = _safetensors()
+    self._st = st
     index = os.path.join(hf_dir, INDEX)
     if os.path.exists(index):
-      with open(index, encoding="utf-8") as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = _read_json(index).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise JaxlmError(f"{index} has no \"weight_map\" of tensor names to files; download "
+                         "the model again")
       self.files = {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}
     elif os.path.exists(os.path.join(hf_dir, SINGLE)):
       path = os.path.join(hf_dir, SINGLE)
-      with st.safe_open(path, framework="numpy") as f:
+      with self._open(path) as f:
         self.files = {name: path for name in f.keys()}
     else:
       raise JaxlmError(f"no {SINGLE} or {INDEX} in {hf_dir} (only safetensors checkpoints "
                        "import)")
-    self._st = st
     # GPT-2 checkpoints saved from GPT2Model have no "transformer." prefix.
     self.aliases = {}
     for name in list(self.files):
@@ -77,13 +79,51 @@ class _Reader:
     if not os.path.isfile(path):
       raise JaxlmError(f"safetensors shard {path} (holding {stored}) is missing")
     try:
-      with self._st.safe_open(path, framework="numpy") as f:
-        return f.get_tensor(stored)
+      with self._open(path) as f:
+        return self._get(f, path, stored)
     except TypeError:
       # numpy has no bfloat16 (the dtype of most LLaMA checkpoints): read it through JAX,
       # whose arrays convert to numpy via ml_dtypes.
-      with self._st.safe_open(path, framework="flax") as f:
-        return np.asarray(f.get_tensor(stored))
+      with self._open(path, framework="flax") as f:
+        return np.asarray(self._get(f, path, stored))
+
+  def _open(self, path: str, framework: str = "numpy"):
+    # safetensors raises its own SafetensorError (or OSError) on a truncated or corrupt
+    # header; a tensor cut short fails on get_tensor (see _get).
+    try:
+      return self._st.safe_open(path, framework=framework)
+    except Exception as e:  # noqa: BLE001  (SafetensorError, OSError)
+      raise _damaged(path, e) from None
+
+  @staticmethod
+  def _get(f: Any, path: str, name: str) -> np.ndarray:
+    try:
+      return f.get_tensor(name)
+    except TypeError:
+      raise
+    except Exception as e:  # noqa: BLE001  (SafetensorError is no subclass of a builtin)
+      raise _damaged(path, e) from None
+
+
+def _damaged(path: str, e: BaseException) -> JaxlmError:
+  first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+  return JaxlmError(f"safetensors file {path} is truncated or damaged ({first}); download or "
+                    "export it again")
+
+
+def _read_json(path: str) -> dict[str, Any]:
+  """A JSON object file; one line naming the file and the position when it is not one."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      out = json.load(f)
+  except json.JSONDecodeError as e:
+    raise JaxlmError(f"{path} is not valid JSON ({e.msg} at line {e.lineno} column "
+                     f"{e.colno}); download the model again") from None
+  except (OSError, UnicodeDecodeError) as e:
+    raise JaxlmError(f"cannot read {path}: {e}") from None
+  if not isinstance(out, dict):
+    raise JaxlmError(f"{path} holds a JSON {type(out).__name__}, not an object")
+  return out
 
 
 def _set(tree: dict[str, Any], path: str, value: np.ndarray) -> None:
@@ -99,9 +139,16 @@ def read_hf(hf_dir: str, param_dtype: str = "float32"
   cfg_path = os.path.join(hf_dir, "config.json")
   if not os.path.isfile(cfg_path):
     raise JaxlmError(f"not a Hugging Face model directory: {hf_dir} has no config.json")
-  with open(cfg_path, encoding="utf-8") as f:
-    hf_cfg = json.load(f)
-  family, mcfg = hf_map.model_config_from_hf(hf_cfg, cfg_path)
+  hf_cfg = _read_json(cfg_path)
+  try:
+    family, mcfg = hf_map.model_config_from_hf(hf_cfg, cfg_path)
+  except KeyError as e:
+    raise JaxlmError(f"{cfg_path} lacks {e.args[0]!r}, which its architecture needs; download "
+                     "the model again") from None
+  except (TypeError, ValueError) as e:
+    if isinstance(e, JaxlmError):
+      raise
+    raise JaxlmError(f"{cfg_path} holds a value of the wrong type ({e})") from None
   reader = _Reader(hf_dir)
   expected = hf_map.expected_names(mcfg, family)
   stored = reader.names()
@@ -118,7 +165,13 @@ def read_hf(hf_dir: str, param_dtype: str = "float32"
     if value.shape != want:
       raise JaxlmError(f"tensor {hf_name} has shape {list(hf_shape)}, which does not fit "
                        f"{path} {list(want)} of the config in {cfg_path}")
-    _set(params, path, value.astype(dtype, copy=False))
+    value = value.astype(dtype, copy=False)
+    # After the cast: a weight too large for param_dtype becomes inf there.
+    if not np.isfinite(value).all():
+      raise JaxlmError(f"tensor {hf_name} in {hf_dir} holds {_nonfinite(value)}; a model "
+                       "with them computes NaN, so nothing was imported (download or export "
+                       "it again)")
+    _set(params, path, value)
 
   for hf_name, path, to_jaxlm, _ in hf_map.tensor_map(mcfg, family):
     x = reader.read(hf_name)
@@ -156,6 +209,12 @@ def read_hf(hf_dir: str, param_dtype: str = "float32"
   return family, mcfg, params
 
 
+def _nonfinite(x: np.ndarray) -> str:
+  n_nan, n_inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+  return " and ".join(f"{n:,} {what}" for n, what in ((n_nan, "NaN"), (n_inf, "infinite"))
+                      if n) + f" value(s) of {x.size:,}"
+
+
 def _abstract_shapes(mcfg: model_lib.ModelConfig) -> dict[str, tuple[int, ...]]:
   """{jaxlm path: shape} of the model's params, from eval_shape (nothing allocated)."""
   import flax.linen as nn
@@ -174,7 +233,10 @@ def import_hf(hf_dir: str, workdir: str) -> dict[str, Any]:
   family, mcfg, params = read_hf(hf_dir)
   root = workdir_lib.prepare(workdir)  # A local path or gs:// URL.
   ckpt_dir = root / "checkpoints"
-  if ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+  # Only a step counts: a kill -9 mid-import leaves an orbax tmp directory, which the
+  # Checkpointer below removes, and the rerun must be able to finish the job.
+  if ckpt_dir.is_dir() and any(p.name.isdigit() or checkpoint_lib.DAMAGED in p.name
+                               for p in ckpt_dir.iterdir()):
     raise JaxlmError(f"workdir {workdir} already holds checkpoints; convert into a new one")
   tok_json = None
   tokenizer_path = ""
@@ -224,12 +286,39 @@ def _get(tree: PyTree, path: str) -> np.ndarray:
   return np.asarray(tree, dtype=np.float32)
 
 
+def _check_finite(tree: PyTree, prefix: str = "") -> None:
+  """Before anything is written: a checkpoint from before jaxlm refused to save a diverged
+  state may hold NaN, which an export would pass on silently."""
+  if isinstance(tree, dict):
+    for k, v in tree.items():
+      _check_finite(v, f"{prefix}{k}/")
+    return
+  x = np.asarray(tree, dtype=np.float32)
+  if not np.isfinite(x).all():
+    raise JaxlmError(f"{prefix.rstrip('/')} of the latest checkpoint holds {_nonfinite(x)} "
+                     "(a diverged run); nothing was exported")
+
+
+def _check_out(out_dir: str) -> None:
+  """Refuses an --out that is a file or already holds a model: nothing there is overwritten."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise JaxlmError(f"--out {out_dir} is a file, not a directory; give a new directory")
+  if os.path.isdir(out_dir):
+    held = sorted(f for f in os.listdir(out_dir)
+                  if f in ("config.json", INDEX) or f.endswith(".safetensors"))
+    if held:
+      raise JaxlmError(f"--out {out_dir} already holds a model ({', '.join(held[:3])}); "
+                       "export into a new directory, or remove it first")
+
+
 def export_hf(workdir: str, out_dir: str) -> dict[str, Any]:
   """Writes config.json, safetensors shards (one per block) + index, and the tokenizer files
   AutoTokenizer loads (BPE runs; for char and byte runs, "note" says it was not exported)."""
   st = _safetensors()
+  _check_out(out_dir)
   mcfg, params = load_workdir(workdir)
   family = hf_map.family_of(mcfg)
+  _check_finite(params)
   os.makedirs(out_dir, exist_ok=True)
   D, H, G, K = mcfg.d_model, mcfg.n_head, mcfg.kv_heads, mcfg.head_dim
   rows = hf_map.tensor_map(mcfg, family)

@@ -128,10 +128,17 @@ def open_run(workdir: str, cfg: ml_collections.ConfigDict) -> Prior:
   (imported params without optimizer state) or a change a resume cannot make."""
   root = workdir_lib.path(workdir)
   ckpt = checkpoint_lib.Checkpointer(root / "checkpoints", keep=cfg.checkpoint.keep)
-  latest = ckpt.latest_step()
+  latest, meta = ckpt.latest_step(), None
+  while latest is not None:
+    try:
+      meta = ckpt.meta(latest)
+      break
+    except checkpoint_lib.DamagedCheckpoint as e:  # The restore falls back past it too.
+      logging.warning("%s; checking the resume against the step before it", e)
+      older = [s for s in ckpt.all_steps() if s < latest]
+      latest = older[-1] if older else None
   if latest is None:
     return Prior(workdir, ckpt, None, None, None, {})
-  meta = ckpt.meta(latest)
   if meta.get("params_only"):
     raise JaxlmError(f"workdir {workdir} holds imported params without optimizer state (step "
                      f"{latest}); train from them in a new workdir with "

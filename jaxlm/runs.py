@@ -104,8 +104,10 @@ def restore_params(workdir: str, target: PyTree,
                      "(jaxlm train)")
   ckpt = checkpoint_lib.Checkpointer(ckpt_dir, read_only=True)
   try:
-    resolved = ckpt.resolve_step(step)
-    return ckpt.restore(resolved, {"params": target})["params"], resolved
+    # An explicit step that is damaged is an error naming the good ones; latest and best fall
+    # back to the newest good step, with a warning naming the damaged one.
+    restored, resolved = ckpt.restore_good(step, {"params": target})
+    return restored["params"], resolved
   finally:
     ckpt.close()
 

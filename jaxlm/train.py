@@ -69,16 +69,41 @@ class Batches:
     return out
 
 
+def check_optimizer(ckpt: checkpoint_lib.Checkpointer, step: int, opt_state: Any,
+                    optim: dict[str, Any]) -> None:
+  """An opt_state that does not fit the checkpoint's is an optimizer change (say adamw to
+  sgd): named as such, with the keys that differ, rather than as a tree or shape mismatch."""
+  try:
+    if ckpt.shape_mismatch(step, "opt_state", opt_state) is None:
+      return
+    saved = ckpt.meta(step).get("config", {}).get("optim", {})
+  except checkpoint_lib.DamagedCheckpoint:
+    return  # restore_good names it and falls back.
+  changed = [k for k, v in optim.items() if k in saved and saved[k] != v]
+  changed = ["name"] if "name" in changed else changed
+  if changed:
+    workdir = ckpt.directory.parent
+    raise JaxlmError(
+        f"checkpoint {ckpt.directory}/{step} holds the state of another optimizer ("
+        + ", ".join(f"optim.{k}={saved[k]!r} there, {optim[k]!r} here" for k in changed[:3])
+        + f"); resume with the saved optim settings, or train in a new workdir with "
+        f"--config.train.init_from={workdir}")
+
+
 def restore_or_init(setup: build_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
-                    latest: int | None, init_from: str) -> TrainState:
-  """The latest checkpoint's state, else a fresh init (params from `init_from` if given)."""
+                    latest: int | None, init_from: str, optim: dict[str, Any]
+                    ) -> tuple[TrainState, int | None]:
+  """(state, its step) of the newest good checkpoint, else a fresh init (params from
+  `init_from` if given) and None. A damaged step is skipped with a warning naming it."""
   target = setup.training.abstract_state
   if latest is not None:
     t0 = time.perf_counter()
     # A schedule-free run saves its evaluation params as "params" and the iterate it trains
     # as "train_params" (see `save`); training resumes from the latter.
     name = "train_params" if setup.recipe.schedule_free else "params"
-    restored = ckpt.restore(latest, {name: target.params, "opt_state": target.opt_state})
+    targets = {name: target.params, "opt_state": target.opt_state}
+    check_optimizer(ckpt, latest, targets["opt_state"], optim)
+    restored, latest = ckpt.restore_good("latest", targets)
     if not bool(step_lib.all_finite({k: restored[k] for k in (name, "opt_state")})):
       # Only a jaxlm from before issue 23 saved diverged states; resuming would only diverge.
       raise JaxlmError(f"checkpoint {ckpt.directory}/{latest} holds NaN or infinite values (a "
@@ -86,13 +111,13 @@ def restore_or_init(setup: build_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
                        "one before it")
     step = jax.device_put(jnp.asarray(latest, jnp.int32), setup.training.state_shardings.step)
     logging.info("resumed from checkpoint at step %d (%.2fs)", latest, time.perf_counter() - t0)
-    return TrainState(step=step, params=restored[name], opt_state=restored["opt_state"])
+    return TrainState(step=step, params=restored[name], opt_state=restored["opt_state"]), latest
   state = setup.training.init(setup.init_rng)
   if init_from:
     params, _ = runs.restore_params(init_from, target.params)
     state = state.replace(params=params)
     logging.info("initialised params from %s", init_from)
-  return state
+  return state, None
 
 
 def next_boundary(step: int, cfg: ml_collections.ConfigDict) -> int:
@@ -268,7 +293,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   ckpt, latest = prior.ckpt, prior.latest
   ckpt_meta = resume_lib.checkpoint_meta(resolved, dataset)
   # SIGTERM during the restore, compile or step-0 eval stops after the first call (a save).
-  stop, state = StopRequest(), restore_or_init(setup, ckpt, latest, cfg.train.init_from)
+  stop = StopRequest()
+  state, latest = restore_or_init(setup, ckpt, latest, cfg.train.init_from, resolved["optim"])
   log_setup(cfg, setup, dataset, state.params)
 
   # --- Compile ahead of time, so errors and compile time show before the loop. Calls run
