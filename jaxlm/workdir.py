@@ -30,6 +30,7 @@ from etils import epath
 from jaxlm.errors import JaxlmError
 
 Path = epath.Path
+GCS_HOST = "storage.googleapis.com"
 SCHEMES = ("gs",)  # URL schemes a workdir may use: tested end to end (orbax, gcsfs, tensorboard).
 
 
@@ -76,6 +77,7 @@ def prepare(workdir: str | os.PathLike) -> epath.Path:
     except OSError as e:
       raise JaxlmError(f"cannot create workdir {os.fspath(workdir)!r}: {e.strerror}") from None
     return p
+  check_gcs_reachable(os.fspath(workdir))
   probe = p / f".jaxlm-write-probe-{socket.gethostname()}-{os.getpid()}"
   try:
     if p.is_file():
@@ -87,6 +89,30 @@ def prepare(workdir: str | os.PathLike) -> epath.Path:
   except Exception as e:  # noqa: BLE001  (gcsfs and google-auth raise many kinds)
     raise JaxlmError(f"cannot write to workdir {p}: {_first_line(e)}") from None
   return p
+
+
+def check_gcs_reachable(url: str) -> None:
+  """One line, in seconds, when GCS cannot be reached or no credentials are found: gcsfs
+  itself retries for about a minute first, logging a traceback per try. An emulator
+  (STORAGE_EMULATOR_HOST, as the tests use) is taken as reachable and needs no credentials."""
+  if os.environ.get("STORAGE_EMULATOR_HOST"):
+    return
+  try:
+    socket.getaddrinfo(GCS_HOST, 443)
+  except OSError as e:
+    raise JaxlmError(f"cannot reach Google Cloud Storage for {url} ({GCS_HOST}: "
+                     f"{e.strerror or e}); check the network, or use a local workdir") from None
+  try:
+    import google.auth
+    import google.auth.exceptions
+  except ImportError:  # gcsfs brings google-auth; without it gcsfs fails in its own way.
+    return
+  try:
+    google.auth.default()
+  except google.auth.exceptions.DefaultCredentialsError as e:
+    raise JaxlmError(f"no Google Cloud credentials for {url} ({_first_line(e)[:120]}); run "
+                     "`gcloud auth application-default login` or set "
+                     "GOOGLE_APPLICATION_CREDENTIALS") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -1,9 +1,10 @@
 """The case format and runner behind experiments/robustness/run.py (see its README).
 
 A case is one hostile thing a user does: a command (with {W} for a fresh workdir, {SM} for the
-smoke config and {PY} for this Python), an optional `prepare(W)` that sets the scene (a trained
-run, a damaged file), an optional `during(proc, W)` that acts on the running process (a signal, a
-second process), and `check(W, result)` that says what is wrong with the state afterwards (None
+smoke config, {PY} for this Python and {T} for the case's own temporary directory, which holds
+W), an optional `prepare(W)` that sets the scene (a trained run, a damaged file), an optional
+`during(proc, W)` that acts on the running process (a signal, a second process), and
+`check(W, result)` that says what is wrong with the state afterwards (None
 when it is intact). A row reports the exit code, the lines the command printed, and whether the
 state is intact; a case passes when all three match what it expects.
 """
@@ -60,8 +61,8 @@ def jaxlm(*args: str) -> list[str]:
 
 
 def expand(argv: list[str], workdir: str) -> list[str]:
-  return [a.replace("{W}", workdir).replace("{SM}", SMOKE).replace("{PY}", sys.executable)
-          for a in argv]
+  return [a.replace("{T}", os.path.dirname(workdir)).replace("{W}", workdir)
+          .replace("{SM}", SMOKE).replace("{PY}", sys.executable) for a in argv]
 
 
 def run_command(argv: list[str], workdir: str, *, timeout: float = 300.0,
