@@ -14,7 +14,7 @@ from absl import logging
 
 from jaxlm import data as data_lib
 from jaxlm import model as model_lib
-from jaxlm import optim, sharding, tokenizers, wandb_sink
+from jaxlm import mup, optim, sharding, tokenizers, wandb_sink
 from jaxlm import workdir as workdir_lib
 from jaxlm.corpus import batches as batches_lib
 from jaxlm.corpus import spec as corpus_spec
@@ -34,6 +34,8 @@ PRESET_KEYS = tuple(FAMILY_PRESETS["gpt2"])
 # Model options of issue 19's recipes (defaults.py says what each is), off unless set; no
 # family turns them on.
 RECIPE_KEYS = ("qk_norm", "logit_softcap", "zero_init_proj", "attention_window")
+# μP (issue 20, jaxlm/mup.py); saved configs without them read as sp.
+MUP_KEYS = ("parametrization", "mup_base_width", "mup_base_head_dim")
 
 # Generators of dropout masks (train.dropout_rng). threefry2x32 is JAX's default: the same bits
 # on every backend and sharding. rbg draws the bits with XLA's RngBitGenerator (keys are still
@@ -75,7 +77,7 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int) -> model_lib.M
                      f"vocabulary ({vocab_size}); set it to 0 to derive it")
   d_ff = m.d_ff or (llama_ff_dim(m.d_model) if m.family == "llama" else 0)
   # Configs saved before these options existed lack them: they read as off.
-  recipe = {key: m[key] for key in RECIPE_KEYS if key in m}
+  recipe = {key: m[key] for key in RECIPE_KEYS + MUP_KEYS if key in m}
   return model_lib.ModelConfig(
       vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
       n_head=m.n_head, n_kv_head=m.n_kv_head, d_model=m.d_model, d_ff=d_ff,
@@ -95,7 +97,8 @@ def resolved_dict(cfg: ml_collections.ConfigDict,
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises JaxlmError naming the first impossible value; cheap, no data or devices touched."""
-  model_config(cfg, vocab_size=1)  # Shape checks (divisibility, ranges) with a stand-in vocab.
+  mcfg = model_config(cfg, vocab_size=1)  # Shape checks (divisibility, ranges), a stand-in vocab.
+  mup.check_optimizers(mcfg, cfg.optim)
   t = cfg.train
   for key in ("batch_size", "grad_accum", "log_every", "eval_steps", "steps_per_call"):
     if t[key] < 1:

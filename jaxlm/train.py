@@ -34,7 +34,6 @@ from jaxlm.step import TrainState
 from jaxlm.tasks import suite as suite_lib
 
 
-
 def check_resumable(workdir: str, resolved: dict[str, Any], latest: int | None) -> None:
   """Refuses to continue a run whose saved model hyperparameters differ from `resolved`.
 
