@@ -48,7 +48,7 @@ import ml_collections
 
 from jaxlm import optim
 from jaxlm.errors import JaxlmError
-from jaxlm.model_config import ModelConfig
+from jaxlm.model_config import TOKEN_EMBED, ModelConfig
 
 PyTree = Any
 MUP_ROLES = ("input", "hidden", "output")
@@ -103,6 +103,8 @@ def rule(mcfg: ModelConfig, optimizer: str, p: optim.Param) -> Rule:
   m = mcfg.width_mult
   init = mcfg.hidden_init_mult if r == "hidden" else 1.0
   lr = m ** LR_EXPONENT[optimizer][r] if enabled(mcfg) else 1.0
+  if mcfg.tie_embeddings and p.path == f"{TOKEN_EMBED}/embedding":
+    r = "input (+ tied output)"  # MuSharedReadout: the input rule, logits x logit_mult.
   return Rule(r, init, lr)
 
 

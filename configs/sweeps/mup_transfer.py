@@ -5,8 +5,8 @@
 
 40 trials of a 2-layer character model on the shipped tiny-shakespeare: d_model 32, 64, 128
 and 256 (4 heads; the base width of mup is 32, where mup and sp are the same model), five
-learning rates half a decade apart, 150 steps of 8 x 32 tokens each. experiments/mup_transfer/README.md has
-the measured optima and the figure.
+learning rates half a decade apart, 150 steps of 8 x 32 tokens each.
+experiments/mup_transfer/README.md has the measured optima and the figure.
 """
 
 from jaxlm import defaults, sweep

@@ -36,7 +36,7 @@ from jaxlm import build, defaults
 from jaxlm import config as config_lib
 
 
-def make_config(parametrization: str, width: int, base: int, args) -> "defaults.ml_collections":
+def make_config(parametrization: str, width: int, base: int, args):
   c = defaults.base_config()
   c.model.n_layer = args.n_layer
   c.model.n_head = 4
