@@ -171,3 +171,24 @@ def test_coord_check_mup_slopes_stay_flat_while_sp_grows(tmp_path):
   assert min(hidden.values()) > SLOPE_BOUND, slopes["sp"]
   assert (tmp_path / "coord_check.png").stat().st_size > 0
   assert "| h_0/mlp |" in open(tmp_path / "slopes.md").read()
+
+
+def test_transfer_plot_reports_the_optimum_per_width(tmp_path):
+  """plot.py on a synthetic results.csv: the sp optimum moves two grid steps, mup's none; a
+  diverged (NaN) trial is no optimum."""
+  rows = ["trial,model.parametrization,model.d_model,optim.lr,final_val_loss,status"]
+  for p, best in (("sp", {32: 0.01, 256: 0.001}), ("mup", {32: 0.01, 256: 0.01})):
+    for w, b in best.items():
+      for lr in (0.001, 0.003, 0.01):
+        loss = 2.0 + abs(lr - b)
+        rows.append(f"x,{p},{w},{lr},{loss},done")
+  rows.append("x,sp,256,0.03,nan,diverged")
+  (tmp_path / "results.csv").write_text("\n".join(rows) + "\n")
+  proc = subprocess.run(
+      [sys.executable, os.path.join(REPO, "experiments", "mup_transfer", "plot.py"),
+       str(tmp_path / "results.csv"), str(tmp_path)], capture_output=True, text=True,
+      timeout=300, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "sp: the best lr goes from 0.01 at d_model 32 to 0.001 at d_model 256: -2" in proc.stdout
+  assert "mup: the best lr goes from 0.01 at d_model 32 to 0.01 at d_model 256: +0" in proc.stdout
+  assert (tmp_path / "loss_vs_lr.png").stat().st_size > 0
