@@ -192,3 +192,14 @@ def test_transfer_plot_reports_the_optimum_per_width(tmp_path):
   assert "sp: the best lr goes from 0.01 at d_model 32 to 0.001 at d_model 256: -2" in proc.stdout
   assert "mup: the best lr goes from 0.01 at d_model 32 to 0.01 at d_model 256: +0" in proc.stdout
   assert (tmp_path / "loss_vs_lr.png").stat().st_size > 0
+
+
+def test_hf_export_refuses_mup_away_from_its_base_width():
+  from jaxlm import hf_map
+  from jaxlm.errors import JaxlmError
+  from jaxlm.model_config import ModelConfig
+  tiny = dict(vocab_size=65, block_size=16, n_layer=1, n_head=4, parametrization="mup",
+              mup_base_width=32)
+  assert hf_map.family_of(ModelConfig(d_model=32, **tiny)) == "gpt2"  # At the base: plain GPT-2.
+  with pytest.raises(JaxlmError, match="parametrization=mup away from its base width"):
+    hf_map.family_of(ModelConfig(d_model=64, **tiny))
