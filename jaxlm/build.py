@@ -18,7 +18,7 @@ import ml_collections
 import optax
 
 from jaxlm import config as config_lib
-from jaxlm import evaluate, optim, sharding
+from jaxlm import evaluate, mup, optim, sharding
 from jaxlm import model as model_lib
 from jaxlm import step as step_lib
 from jaxlm.errors import JaxlmError
@@ -95,11 +95,13 @@ def make_recipe(cfg: ml_collections.ConfigDict, vocab_size: int) -> Recipe:
   total_steps = max(cfg.train.steps, 1)
   # Shapes and logical axes only: the groups' roles and muon's matrix axes come from them.
   boxed = (jax.eval_shape(lambda r: model_lib.init_params(model, r), jax.random.key(0))
-           if optim.uses_groups(cfg.optim) else None)
+           if optim.uses_groups(cfg.optim) or mup.enabled(mcfg) else None)
+  # μP splits every group by its role and scales each part's lr (jaxlm/mup.py).
+  groups = mup.split_groups(mcfg, cfg.optim, boxed, optim.resolve_groups(cfg.optim, boxed))
   return Recipe(mcfg=mcfg, model=model,
-                tx=optim.make_optimizer(cfg.optim, total_steps, boxed),
+                tx=optim.make_optimizer(cfg.optim, total_steps, boxed, groups),
                 schedule=optim.make_schedule(cfg.optim, total_steps),
-                groups=optim.resolve_groups(cfg.optim, boxed),
+                groups=groups,
                 schedule_free=optim.uses_schedule_free(cfg.optim))
 
 

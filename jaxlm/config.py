@@ -13,7 +13,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from jaxlm import attention, optim, sharding, tokenizers, wandb_sink
+from jaxlm import attention, mup, optim, sharding, tokenizers, wandb_sink
 from jaxlm import data as data_lib
 from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
@@ -35,6 +35,8 @@ PRESET_KEYS = tuple(FAMILY_PRESETS["gpt2"])
 # Model options of issue 19's recipes (defaults.py says what each is), off unless set; no
 # family turns them on.
 RECIPE_KEYS = ("qk_norm", "logit_softcap", "zero_init_proj", "attention_window")
+# μP (issue 20, jaxlm/mup.py); saved configs without them read as sp.
+MUP_KEYS = ("parametrization", "mup_base_width", "mup_base_head_dim")
 
 # Generators of dropout masks (train.dropout_rng). threefry2x32 is JAX's default: the same bits
 # on every backend and sharding. rbg draws the bits with XLA's RngBitGenerator (keys are still
@@ -77,7 +79,7 @@ def model_config(cfg: ml_collections.ConfigDict, vocab_size: int, *,
                      f"vocabulary ({vocab_size}); set it to 0 to derive it")
   d_ff = m.d_ff or (llama_ff_dim(m.d_model) if m.family == "llama" else 0)
   # Configs saved before these options existed lack them: they read as off.
-  recipe = {key: m[key] for key in RECIPE_KEYS if key in m}
+  recipe = {key: m[key] for key in RECIPE_KEYS + MUP_KEYS if key in m}
   # "auto" resolves for this machine's backend here, the one place a ModelConfig is made.
   # config.json keeps "auto": a run resumed or evaluated on another platform resolves it there
   # (the log line of the run says what each platform picked).
@@ -112,7 +114,8 @@ def resolved_dict(cfg: ml_collections.ConfigDict, mcfg: model_lib.ModelConfig | 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises JaxlmError naming the first impossible value; cheap, no data or devices touched."""
-  model_config(cfg, vocab_size=1, log=False)  # Shape checks, with a stand-in vocab.
+  mcfg = model_config(cfg, vocab_size=1, log=False)  # Shape checks, with a stand-in vocab.
+  mup.check_optimizers(mcfg, cfg.optim)
   t = cfg.train
   for key in ("batch_size", "grad_accum", "log_every", "eval_steps", "steps_per_call"):
     if t[key] < 1:

@@ -133,6 +133,16 @@ def base_config() -> ml_collections.ConfigDict:
   # the query at position t attends to the keys at t-W+1 .. t (W = 1: only itself; W >=
   # block_size: the same as full). E.g. "128,128,128,full" = Gemma 2/3-style local/global.
   c.model.attention_window = ""
+  # Parametrization (issue 20): sp (standard: GPT-2's init, 1/sqrt(head_dim) attention) | mup
+  # (Maximal Update Parametrization, Tensor Programs V: hyperparameters tuned at
+  # mup_base_width transfer to wider models). Under mup, hidden kernels init with std /
+  # sqrt(width_mult) and train at lr / width_mult (Adam-type optimizers; sgd has its own
+  # rule, muon none), logits are multiplied by mup_base_width / d_model and attention scores
+  # by sqrt(base head dim) / head_dim. At d_model = mup_base_width, mup is exactly sp.
+  # jaxlm/mup.py has the rule table; `jaxlm params` shows each tensor's role and multipliers.
+  c.model.parametrization = "sp"
+  c.model.mup_base_width = 0  # d_model of the base model; mup needs 1 <= it <= d_model.
+  c.model.mup_base_head_dim = 0  # 0 = mup_base_width / n_head.
 
   c.optim = ml_collections.ConfigDict()
   # adamw | lion | sgd (momentum b1) | adafactor (factored second moments, no momentum; lr is

@@ -6,6 +6,7 @@ and the two layout changes (to jaxlm, from jaxlm); hf.py streams tensors through
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -91,6 +92,9 @@ def inexpressible(mcfg: model_lib.ModelConfig) -> list[str]:
     out.append("model.qk_norm=True (their attention has no query/key norm)")
   if mcfg.logit_softcap:
     out.append(f"model.logit_softcap={mcfg.logit_softcap:g} (they do not soft-cap logits)")
+  if mcfg.logit_mult != 1.0 or mcfg.attention_divisor != math.sqrt(mcfg.head_dim):
+    out.append(f"model.parametrization=mup away from its base width (logits x "
+               f"{mcfg.logit_mult:g}, attention scores x sqrt(base head dim) / head dim)")
   if mcfg.mlp == "relu2":
     out.append("model.mlp=relu2 (their MLPs are GELU and SwiGLU)")
   if any(0 < w < mcfg.block_size for w in mcfg.layer_windows):

@@ -141,7 +141,13 @@ def out_init(cfg: ModelConfig, names: tuple[str | None, ...]) -> nn.initializers
   gradients (which are not zero: they are the sublayer's input times the residual's)."""
   if cfg.zero_init_proj:
     return _zeros(names)
-  return _init(INIT_STD / math.sqrt(2 * cfg.n_layer), names)
+  return _init(INIT_STD / math.sqrt(2 * cfg.n_layer) * cfg.hidden_init_mult, names)
+
+
+def hidden_init(cfg: ModelConfig, names: tuple[str | None, ...]) -> nn.initializers.Initializer:
+  """Kernel init of a hidden projection out of the residual stream (query, key_value, fc,
+  gate): GPT-2's N(0, 0.02), times μP's 1 / sqrt(width_mult) (1.0 under sp)."""
+  return _init(INIT_STD * cfg.hidden_init_mult, names)
 
 
 class CausalSelfAttention(nn.Module):
@@ -163,11 +169,11 @@ class CausalSelfAttention(nn.Module):
     dense = dict(use_bias=cfg.bias, dtype=DTYPES[cfg.dtype],
                  param_dtype=DTYPES[cfg.param_dtype])
     q_BxLxHxK = Linear(
-        (H, K), kernel_init=_init(INIT_STD, (axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
+        (H, K), kernel_init=hidden_init(cfg, (axes.EMBED, axes.HEADS, axes.HEAD_DIM)),
         bias_init=_zeros((axes.HEADS, axes.HEAD_DIM)), name=QUERY, **dense)(x_BxLxD)
     # Keys and values share one projection: one matmul instead of two.
     kv_BxLx2xGxK = Linear(
-        (2, G, K), kernel_init=_init(INIT_STD, (axes.EMBED, None, axes.KV_HEADS, axes.HEAD_DIM)),
+        (2, G, K), kernel_init=hidden_init(cfg, (axes.EMBED, None, axes.KV_HEADS, axes.HEAD_DIM)),
         bias_init=_zeros((None, axes.KV_HEADS, axes.HEAD_DIM)), name=KEY_VALUE,
         **dense)(x_BxLxD)
     k_BxSxGxK, v_BxSxGxK = kv_BxLx2xGxK[:, :, 0], kv_BxLx2xGxK[:, :, 1]
@@ -184,8 +190,8 @@ class CausalSelfAttention(nn.Module):
       # Keys are rotated before they enter the cache: a cached key keeps its own position.
       q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxSxGxK = rope(k_BxSxGxK, positions_BxL, cfg.rope_theta)
-    scale = 1.0 / math.sqrt(K)
     if cfg.attention_impl != "einsum":
+      scale = 1.0 / cfg.attention_divisor
       out_BxLxHxK, cache = self.fused(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, scale, positions_BxL,
                                       cache, layer_window)
       return self.project_out(out_BxLxHxK, train), cache
@@ -196,9 +202,10 @@ class CausalSelfAttention(nn.Module):
     q_BxGxRxLxK = q_BxLxHxK.reshape(B, L, G, H // G, K).transpose(0, 2, 3, 1, 4)
 
     def attend(q_BxGxRxLxK, k_BxGxSxK, v_BxGxSxK, visible):
-      """softmax(q k^T * scale) v over the keys `visible` lets each query see."""
+      """softmax(q k^T / divisor) v over the keys `visible` lets each query see (divisor =
+      sqrt(K), or under μP K / sqrt(K_base): ModelConfig.attention_divisor)."""
       scores_BxGxRxLxS = jnp.einsum("bgrlk,bgsk->bgrls", q_BxGxRxLxK, k_BxGxSxK,
-                                    preferred_element_type=jnp.float32) * scale
+                                    preferred_element_type=jnp.float32) / cfg.attention_divisor
       scores_BxGxRxLxS = jnp.where(visible, scores_BxGxRxLxS, jnp.finfo(jnp.float32).min)
       probs_BxGxRxLxS = jax.nn.softmax(scores_BxGxRxLxS, axis=-1)
       probs_BxGxRxLxS = dropout(cfg)(probs_BxGxRxLxS, deterministic=not train)
@@ -298,11 +305,11 @@ class MLP(nn.Module):
     cfg = self.cfg
     dense = dict(use_bias=cfg.bias, dtype=DTYPES[cfg.dtype],
                  param_dtype=DTYPES[cfg.param_dtype])
-    h_BxLxF = Linear((cfg.ff_dim,), kernel_init=_init(INIT_STD, (axes.EMBED, axes.MLP)),
+    h_BxLxF = Linear((cfg.ff_dim,), kernel_init=hidden_init(cfg, (axes.EMBED, axes.MLP)),
                      bias_init=_zeros((axes.MLP,)), name=MLP_IN, **dense)(x_BxLxD)
     if cfg.mlp == "swiglu":
       # Shazeer 2020: a SiLU-gated linear unit; `fc` is LLaMA's up projection.
-      gate_BxLxF = Linear((cfg.ff_dim,), kernel_init=_init(INIT_STD, (axes.EMBED, axes.MLP)),
+      gate_BxLxF = Linear((cfg.ff_dim,), kernel_init=hidden_init(cfg, (axes.EMBED, axes.MLP)),
                           bias_init=_zeros((axes.MLP,)), name=MLP_GATE, **dense)(x_BxLxD)
       h_BxLxF = nn.silu(gate_BxLxF) * h_BxLxF
     elif cfg.mlp == "relu2":
@@ -413,6 +420,10 @@ class DecoderLM(nn.Module):
                             param_dtype=DTYPES[cfg.param_dtype],
                             kernel_init=_init(INIT_STD, (axes.EMBED, axes.VOCAB)),
                             name=HEAD)(x_BxLxD)
+    if cfg.parametrization == "mup":
+      # μP's readout multiplier (the mup package's MuReadout, and MuSharedReadout for a tied
+      # head): the head keeps its init and Adam lr, and the logits shrink by base / width.
+      logits_BxLxV = logits_BxLxV * cfg.logit_mult
     if cfg.logit_softcap:
       # Gemma 2 / modded-nanogpt: a smooth clip of the logits to (-cap, cap), in float32 (the
       # logits are float32 whatever model.dtype), so training, eval and sampling all see it.

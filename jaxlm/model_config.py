@@ -8,6 +8,7 @@ Split from jaxlm/model.py (which re-exports every name here, so `model.ModelConf
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax
@@ -21,6 +22,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 NORMS = ("layernorm", "rmsnorm")
 POSITIONS = ("learned", "rope")
 MLPS = ("gelu", "swiglu", "relu2")
+# standard (GPT-2's init and 1/sqrt(head_dim) attention) | μP (jaxlm/mup.py: the rule table).
+PARAMETRIZATIONS = ("sp", "mup")
 FULL_WINDOW = "full"  # An entry of model.attention_window: plain causal attention in that layer.
 # What the backward pass may keep from the forward pass of a block (the rest is recomputed):
 # "full" keeps only the block's input, "dots" also keeps matmul outputs (cheap to store, the
@@ -104,6 +107,13 @@ class ModelConfig:
   # The attention kernel, already resolved for this platform (jaxlm.attention): einsum (jaxlm's
   # own path) | xla | cudnn | splash; the config's "auto" never reaches here.
   attention_impl: str = "einsum"
+  # μP (Yang et al. 2021, Tensor Programs V; jaxlm/mup.py has the rules and the optimizer
+  # side). The model side is here: hidden kernels init with std / sqrt(width_mult), logits
+  # times 1 / width_mult, attention scores times sqrt(base_head_dim) / head_dim. The base
+  # head dim 0 = mup_base_width / n_head (the base model has as many heads as this one).
+  parametrization: str = "sp"
+  mup_base_width: int = 0
+  mup_base_head_dim: int = 0
 
   def __post_init__(self):
     def fail(msg):
@@ -142,6 +152,61 @@ class ModelConfig:
     if self.attention_impl not in ("einsum", "xla", "cudnn", "splash"):
       fail(f"model.attention_impl={self.attention_impl!r} is not one of einsum, xla, cudnn, "
            "splash (the config's auto resolves to one of them)")
+    self._check_mup(fail)
+
+  def _check_mup(self, fail):
+    """μP's base shapes: the rule is 1 <= mup_base_width <= d_model (width_mult = d_model /
+    mup_base_width, any ratio >= 1: μP transfers from a small base up) and a whole base head
+    dim (mup_base_width divisible by n_head, or model.mup_base_head_dim given) <= head_dim."""
+    if self.parametrization not in PARAMETRIZATIONS:
+      fail(f"model.parametrization={self.parametrization!r} is not one of "
+           f"{', '.join(PARAMETRIZATIONS)}")
+    if self.parametrization != "mup":
+      return
+    base, base_k = self.mup_base_width, self.mup_base_head_dim
+    if not 1 <= base <= self.d_model:
+      fail(f"model.parametrization=mup needs 1 <= model.mup_base_width <= model.d_model="
+           f"{self.d_model} (the width the hyperparameters were tuned at; width_mult = "
+           f"d_model / mup_base_width must be >= 1), got {base}")
+    if not base_k and base % self.n_head:
+      fail(f"model.mup_base_width={base} is not divisible by model.n_head={self.n_head}: the "
+           "base head dim is mup_base_width / n_head; pick a multiple of n_head or set "
+           "model.mup_base_head_dim")
+    if not 0 <= base_k <= self.head_dim:
+      fail(f"model.mup_base_head_dim={base_k} must be in [0, head_dim={self.head_dim}] (0 = "
+           "mup_base_width / n_head)")
+
+  @property
+  def width_mult(self) -> float:
+    """μP's width multiplier d_model / mup_base_width; 1 under sp."""
+    return self.d_model / self.mup_base_width if self.parametrization == "mup" else 1.0
+
+  @property
+  def base_head_dim(self) -> int:
+    if self.parametrization != "mup":
+      return self.head_dim
+    return self.mup_base_head_dim or self.mup_base_width // self.n_head
+
+  @property
+  def hidden_init_mult(self) -> float:
+    """Init std multiplier of the hidden kernels: μP's variance 1 / fan_in, relative to the
+    base width (so exactly 1.0 there and under sp)."""
+    return 1.0 / math.sqrt(self.width_mult)
+
+  @property
+  def logit_mult(self) -> float:
+    """μP's output multiplier base_width / width (the mup package's MuReadout); 1 under sp."""
+    return 1.0 / self.width_mult
+
+  @property
+  def attention_divisor(self) -> float:
+    """Scores are q.k / this: sqrt(head_dim) under sp; under μP head_dim / sqrt(base_head_dim)
+    (1/d attention), written as sqrt(K) * (sqrt(K) / sqrt(K_base)) so that it is exactly
+    sqrt(K) at the base head dim (bitwise the sp model)."""
+    k = self.head_dim
+    if self.parametrization != "mup":
+      return math.sqrt(k)
+    return math.sqrt(k) * (math.sqrt(k) / math.sqrt(self.base_head_dim))
 
   @property
   def head_dim(self) -> int:

@@ -327,20 +327,22 @@ def _optimizer(name: str, opt_cfg: ml_collections.ConfigDict, schedule: optax.Sc
 
 
 def make_optimizer(opt_cfg: ml_collections.ConfigDict, total_steps: int,
-                   params: PyTree | None = None) -> optax.GradientTransformation:
+                   params: PyTree | None = None,
+                   groups: tuple[Group, ...] | None = None) -> optax.GradientTransformation:
   """Gradient clipping (by global norm, over all groups) followed by the groups' optimizers.
 
   `params` (boxed or abstract) is needed with groups and for muon; without groups any other
-  optimizer takes every tensor and needs no params.
+  optimizer takes every tensor and needs no params. `groups` (non-empty) replaces the ones
+  resolve_groups would give: μP's split of them (jaxlm/mup.py).
   """
   check_config(opt_cfg)
-  if not uses_groups(opt_cfg):
+  if not groups and not uses_groups(opt_cfg):
     opt = _optimizer(opt_cfg.name, opt_cfg, make_schedule(opt_cfg, total_steps),
                      opt_cfg.weight_decay, decay_mask)
   else:
     if params is None:
       raise JaxlmError("optim.groups and optim.name=muon need the model's params to group")
-    groups = resolve_groups(opt_cfg, params)
+    groups = groups or resolve_groups(opt_cfg, params)
     transforms = {}
     for g in groups:
       schedule = group_schedule(opt_cfg, total_steps, g.optimizer, g.lr_mult)

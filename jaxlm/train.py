@@ -21,7 +21,7 @@ from jaxlm import build as build_lib
 from jaxlm import checkpoint as checkpoint_lib
 from jaxlm import config as config_lib
 from jaxlm import data as data_lib
-from jaxlm import evaluate, metrics, optim, run_log, runs, sharding, tokenizers, wandb_sink
+from jaxlm import evaluate, metrics, mup, optim, run_log, runs, sharding, tokenizers, wandb_sink
 from jaxlm import model as model_lib
 from jaxlm import resume as resume_lib
 from jaxlm import step as step_lib
@@ -218,6 +218,8 @@ def log_setup(cfg: ml_collections.ConfigDict, setup: build_lib.Setup,
                f"{n_matmul:,}", metrics.flops_per_token(n_matmul, mcfg.n_layer, mcfg.d_model,
                                                         mcfg.block_size, mcfg.layer_windows),
                mcfg.n_layer, mcfg.d_model, mcfg.n_head, mcfg.block_size)
+  if mup.enabled(mcfg):
+    logging.info("%s", mup.describe(mcfg))
   for line in optim.describe(cfg.optim, setup.recipe.groups, params):
     logging.info("optimizer group %s", line)
   logging.info("devices: %d x %s on %d process(es) | mesh %s | rules %s | batch %d global, "

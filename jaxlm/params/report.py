@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from jaxlm import axes, devices, metrics, sharding
+from jaxlm import axes, devices, metrics, mup, optim, sharding
 from jaxlm import build as build_lib
 from jaxlm import config as config_lib
 from jaxlm import model as model_lib
@@ -85,6 +85,12 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
     groups = [{"name": "all", "optimizer": cfg.optim.name, "lr_mult": 1.0,
                "weight_decay": f"{cfg.optim.weight_decay:g} (kernels, embeddings)",
                "tensors": len(rows), "params": sum(t.count for t in rows)}]
+  # Under μP each tensor's role and multipliers (init std, lr; relative to sp), by the
+  # optimizer of its group (the rule differs for sgd).
+  optimizer_of = {p.path: g.optimizer for g in recipe.groups for p in g.params}
+  mup_of = {t.path: mup.rule(mcfg, optimizer_of.get(t.path, cfg.optim.name),
+                             optim.Param(t.path, t.shape, t.logical_axes))
+            for t in rows} if mup.enabled(mcfg) else {}
   total = sum(t.count for t in rows)
   formula = anatomy.formula_param_counts(mcfg)
   counted = anatomy.count_by(rows, "kind")
@@ -152,7 +158,10 @@ def config_report(cfg: ml_collections.ConfigDict, *, n_devices: int, config_path
       "tensors": [{"path": t.path, "shape": list(t.shape), "dtype": t.dtype, "count": t.count,
                    "kind": t.kind, "layer": t.layer, "group": group_of.get(t.path, "all"),
                    "logical_axes": None if t.logical_axes is None else list(t.logical_axes)}
+                  | ({"mup": {"role": mup_of[t.path].role, "init_mult": mup_of[t.path].init_mult,
+                              "lr_mult": mup_of[t.path].lr_mult}} if mup_of else {})
                   for t in rows],
+      "mup": mup.describe(mcfg) if mup_of else None,
       "optimizer_groups": groups,
       "params": {
           "total": total, "by_kind": by_kind,

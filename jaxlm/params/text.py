@@ -64,6 +64,13 @@ def format_config_text(report: dict[str, Any]) -> str:
        for t in report["tensors"]], right={3})
   out.append("")
 
+  if report.get("mup"):
+    out.append(f"{report['mup']}; per tensor (relative to sp at this width):")
+    out += _table(("path", "μP role", "init std x", "lr x"),
+                  [(t["path"], t["mup"]["role"], f"{t['mup']['init_mult']:.4g}",
+                    f"{t['mup']['lr_mult']:.4g}") for t in report["tensors"]], right={2, 3})
+    out.append("")
+
   out.append("Optimizer groups: each trains its tensors (the group column above) on the shared "
              "schedule times lr_mult")
   out += _table(("group", "optimizer", "lr_mult", "weight decay", "tensors", "params"),
