@@ -207,8 +207,9 @@ def test_resuming_with_another_optimizer_names_the_change(smoke_run, tmp_path, n
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   proc = run_jaxlm("train", "--config", SMOKE, "--workdir", workdir, "--config.train.steps=30",
                    f"--config.optim.name={name}")
-  assert_one_line_error(proc, "another optimizer", f"optim.name='adamw' there, '{name}' here",
-                        "init_from")
+  # resume.py's table refuses the change by name before any state is read (the opt_state
+  # check in train.check_optimizer stays behind it for changes the table lets through).
+  assert_one_line_error(proc, f"optim.name='adamw' but the config says '{name}'", "init_from")
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
