@@ -220,7 +220,7 @@ class Checkpointer:
   def _orbax(self, step: int, fn: Any) -> Any:
     """fn() (an orbax read of `step`); its errors mean a damaged checkpoint (shapes and
     missing items were checked before): recorded, and raised as DamagedCheckpoint."""
-    _quiet_pending_reads()  # Before the read: its failed siblings report while it unwinds.
+    quiet_pending_io()  # Before the read: its failed siblings report while it unwinds.
     try:
       return fn()
     except JaxlmError:
@@ -302,8 +302,9 @@ class Checkpointer:
       self._manager.reload()
 
 
-def _quiet_pending_reads() -> None:
-  """When one read of a damaged checkpoint fails, the reads of it still in flight fail too,
+def quiet_pending_io() -> None:
+  """When one read of a damaged checkpoint (or one write of a save to a full disk) fails, the
+  others still in flight fail too,
   after orbax's event loop is gone: tensorstore reports each as an unraisable exception
   ("Event loop is closed") or an asyncio "never retrieved" log, tracebacks on stderr. The
   failed restore itself is named in one line, so only those reports are dropped (installed

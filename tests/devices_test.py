@@ -31,4 +31,5 @@ def test_names_are_unique():
 
 def test_peak_flops_of_a_known_device_comes_from_the_table():
   fake = types.SimpleNamespace(device_kind="NVIDIA H100 80GB HBM3", platform="gpu")
-  assert metrics.peak_flops_per_device(fake) == 989.0e12
+  assert metrics.peak_flops_per_device(fake, "bfloat16") == 989.0e12
+  assert metrics.peak_flops_per_device(fake, "float32") == 494.0e12  # TF32 tensor cores.

@@ -6,6 +6,9 @@ Every size trains on the same 768k tokens (1000 steps of 12 x 64) with the same 
 (configs/shakespeare_char.py at lr 3e-3, experiments/lr_sweep's best); only the shape changes.
 The summary (runs/ladder/results.md, scaling.json, scaling_loss_vs_n.png) fits
 L(N) = E + A / N^alpha, with and without embeddings. Measured: experiments/scaling_ladder/.
+
+Expected: val losses from ~2.23 (xs, 19k params) to ~1.94 (xl, 1.03M); the pure power law's
+alpha ~0.035 (E free sits at its bound 0 on these points).
 """
 
 from jaxlm import sweep

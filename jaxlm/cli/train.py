@@ -33,6 +33,10 @@ def main(argv: list[str]) -> None:
   from jaxlm import lock, train
   from jaxlm import workdir as workdir_lib
   config_lib.validate_config(_CONFIG.value)  # A bad config leaves no workdir behind.
+  from jaxlm import checkpoint as checkpoint_lib
+  # A save's failed write (a full disk) leaves its sibling writes to fail after the run has
+  # named it: their asyncio and tensorstore reports would be tracebacks after the one line.
+  checkpoint_lib.quiet_pending_io()
   previous = sys.excepthook, sys.unraisablehook
   sys.excepthook = _quiet_failed_saves(previous[0])
   sys.unraisablehook = _quiet_failed_saves(previous[1])
@@ -71,7 +75,8 @@ def disk_full(e: OSError, workdir: str) -> Exception:
     steps = []
   kept = (f"kept: the checkpoints at steps {', '.join(map(str, steps))} (a rerun resumes from "
           f"step {steps[-1]})" if steps else "no checkpoint was kept")
-  error = JaxlmError(f"{e.strerror} writing {e.filename}: the run stopped; {kept}, and every "
+  where = e.filename or f"in {workdir}"  # Some writers (tensorstore's) name no file.
+  error = JaxlmError(f"{e.strerror} writing {where}: the run stopped; {kept}, and every "
                      "record written before; free some space and run the same command")
   error.exit_now = True  # Orbax's unfinished writes would print tracebacks at exit.
   return error
