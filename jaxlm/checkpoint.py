@@ -89,6 +89,12 @@ class Checkpointer:
         **{META: ocp.JsonCheckpointHandler()})
     self._manager = ocp.CheckpointManager(self.directory, options=options,
                                           handler_registry=registry)
+    # Orbax clears old tmp dirs in a background thread; a command that fails right after (a
+    # bad data path) would exit under it and print that thread's traceback. Waiting for it
+    # costs a directory listing. (A private method: without it, orbax's own save waits.)
+    settle = getattr(self._manager, "_maybe_await_cleanup_tmp_directory", None)
+    if settle is not None:
+      settle()
     self._read_only = read_only
     self._damage: dict[int, str | None] = {}  # step -> why it is damaged (None: intact).
     self._set_aside_done = read_only
