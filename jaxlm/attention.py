@@ -19,6 +19,7 @@ kernels' causal masks do not describe; it is the same math, so samples match tra
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -136,6 +137,7 @@ def resolve(impl: str, *, head_dim: int, dtype: str, block_size: int, dropout: f
   return picked
 
 
+@functools.cache  # Once per shape: model_config runs in several places.
 def probe_cudnn(head_dim: int, dtype: str) -> str | None:
   """Lowers cuDNN attention's forward and backward for this head dim and dtype: None when
   they lower, else why not. The library's own checks (cuDNN version, GPU generation, shapes)

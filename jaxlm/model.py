@@ -190,11 +190,6 @@ class CausalSelfAttention(nn.Module):
       # Keys are rotated before they enter the cache: a cached key keeps its own position.
       q_BxLxHxK = rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
       k_BxSxGxK = rope(k_BxSxGxK, positions_BxL, cfg.rope_theta)
-    if cfg.attention_impl != "einsum":
-      scale = 1.0 / cfg.attention_divisor
-      out_BxLxHxK, cache = self.fused(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, scale, positions_BxL,
-                                      cache, layer_window)
-      return self.project_out(out_BxLxHxK, train), cache
     # Grouped-query attention: each of the G kv heads serves R = H // G query heads. Attention
     # runs head-major (heads before positions): its batched matmuls then read and write
     # contiguous [positions x head_dim] matrices. One transpose of q, k and v each (and of the
@@ -220,6 +215,10 @@ class CausalSelfAttention(nn.Module):
         seen = seen & ((layer_window == 0) | (k_pos > q_pos - layer_window))
       return seen
 
+    if cfg.attention_impl != "einsum":
+      out_BxLxHxK, cache = self.fused(q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, positions_BxL, cache,
+                                      visible)
+      return self.project_out(out_BxLxHxK, train), cache
     if cache is None:
       k_BxGxSxK, v_BxGxSxK = k_BxSxGxK.transpose(0, 2, 1, 3), v_BxSxGxK.transpose(0, 2, 1, 3)
       # Causal: query t sees keys 0..t. With model.attention_block = C, queries go in blocks
@@ -243,10 +242,7 @@ class CausalSelfAttention(nn.Module):
       # Write the new keys/values (k_BxSxGxK holds the L new ones here) at their positions,
       # then attend over every slot up to each query's own position: later slots are stale or
       # empty and stay masked.
-      rows_Bx1 = jnp.arange(B)[:, None]
-      cache = LayerCache(
-          k_BxGxSxK=cache.k_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(k_BxSxGxK),
-          v_BxGxSxK=cache.v_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(v_BxSxGxK))
+      cache = cache.write(positions_BxL, k_BxSxGxK, v_BxSxGxK)
       S = cache.k_BxGxSxK.shape[2]
       visible_BxLxS = visible(positions_BxL[:, :, None], jnp.arange(S)[None, None, :])
       out_BxGxRxLxK = attend(q_BxGxRxLxK, cache.k_BxGxSxK, cache.v_BxGxSxK,
@@ -263,32 +259,21 @@ class CausalSelfAttention(nn.Module):
         dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype])(out_BxLxHxK)
     return dropout(cfg)(out_BxLxD, deterministic=not train)
 
-  def fused(self, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, scale, positions_BxL, cache, layer_window):
+  def fused(self, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, positions_BxL, cache, visible):
     """Attention through jaxlm.attention's kernels (model.attention_impl), same math as the
-    einsum path: causal, the layer's window, and over the KV cache when decoding."""
+    einsum path: causal, the layer's window (`visible`), and over the KV cache when decoding."""
     window, impl = self.window, self.cfg.attention_impl
+    scale = 1.0 / self.cfg.attention_divisor
     if cache is None:
       if window >= 0:  # One static window (0 = full): the kernel's own causal mask.
         return attention.fused(impl, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, scale=scale,
                                window=window), None
-      L = q_BxLxHxK.shape[1]
-      pos_L = jnp.arange(L)
-      visible_LxS = (pos_L[None, :] <= pos_L[:, None]) & (
-          (layer_window == 0) | (pos_L[None, :] > pos_L[:, None] - layer_window))
+      pos_L = jnp.arange(q_BxLxHxK.shape[1])  # Scanned layers' traced window: a mask.
       return attention.fused(impl, q_BxLxHxK, k_BxSxGxK, v_BxSxGxK, scale=scale,
-                             mask_BxLxS=visible_LxS[None]), None
-    B = q_BxLxHxK.shape[0]
-    rows_Bx1 = jnp.arange(B)[:, None]
-    cache = LayerCache(
-        k_BxGxSxK=cache.k_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(k_BxSxGxK),
-        v_BxGxSxK=cache.v_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(v_BxSxGxK))
+                             mask_BxLxS=visible(pos_L[:, None], pos_L[None, :])[None]), None
+    cache = cache.write(positions_BxL, k_BxSxGxK, v_BxSxGxK)
     S = cache.k_BxGxSxK.shape[2]
-    q_pos, k_pos = positions_BxL[:, :, None], jnp.arange(S)[None, None, :]
-    visible_BxLxS = k_pos <= q_pos
-    if window > 0:
-      visible_BxLxS &= k_pos > q_pos - window
-    elif window < 0:
-      visible_BxLxS &= (layer_window == 0) | (k_pos > q_pos - layer_window)
+    visible_BxLxS = visible(positions_BxL[:, :, None], jnp.arange(S)[None, None, :])
     out_BxLxHxK = attention.fused(impl, q_BxLxHxK, cache.k_BxGxSxK.transpose(0, 2, 1, 3),
                                   cache.v_BxGxSxK.transpose(0, 2, 1, 3), scale=scale,
                                   mask_BxLxS=visible_BxLxS)

@@ -267,6 +267,13 @@ class LayerCache:
   k_BxGxSxK: jax.Array
   v_BxGxSxK: jax.Array
 
+  def write(self, positions_BxL: jax.Array, k_BxLxGxK: jax.Array,
+            v_BxLxGxK: jax.Array) -> LayerCache:
+    """The cache with L new keys and values written at their rows' positions."""
+    rows_Bx1 = jnp.arange(positions_BxL.shape[0])[:, None]
+    return LayerCache(k_BxGxSxK=self.k_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(k_BxLxGxK),
+                      v_BxGxSxK=self.v_BxGxSxK.at[rows_Bx1, :, positions_BxL].set(v_BxLxGxK))
+
 
 # One LayerCache per block (h_0 first); with scan_layers, one LayerCache whose arrays carry a
 # leading layers axis (NxBxGxSxK), the way nn.scan slices it.
