@@ -27,6 +27,7 @@ from jaxlm import build as build_lib
 from jaxlm import config as config_lib
 from jaxlm import devices, metrics, sample, sharding
 from jaxlm import model as model_lib
+from jaxlm import phases as phases_lib
 from jaxlm.host import allocator
 
 
@@ -40,12 +41,16 @@ def peak_memory_bytes() -> tuple[int, str]:
 
 
 def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int = 3,
-                profile_dir: str | None = None, sampling: bool = True) -> dict[str, Any]:
+                profile_dir: str | None = None, sampling: bool = True,
+                phases: phases_lib.Phases | None = None) -> dict[str, Any]:
   """Times `steps` train steps (after `warmup`) of `cfg` on random tokens, then sampling.
 
   With `profile_dir`, also traces a few more calls and adds the ops that took the most time
-  ("profile", see `profile_ops`).
+  ("profile", see `profile_ops`). "phases" splits the command's wall as a run's
+  (jaxlm.phases; `phases` is the clock jaxlm bench started at process start).
   """
+  ph = phases or phases_lib.Phases(first="other")
+  ph.enter("init")
   config_lib.validate_config(cfg)
   setup = build_lib.build(cfg, config_lib.resolve_vocab_size(cfg)[0])
   mcfg, model, mesh, training = setup.mcfg, setup.model, setup.mesh, setup.training
@@ -61,9 +66,13 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
   batch = sharding.host_to_global(stacked, training.batch_sharding)
   rng = setup.dropout_rng  # As training draws dropout.
 
+  ph.enter("peak")
+  peak = metrics.peak_flops_total(mcfg.dtype, remeasure=True)  # Fresh, as bench measures.
+  ph.enter("compile")
   t0 = time.perf_counter()
   step_fn = training.steps.lower(state, batch, rng).compile()
   compile_s = time.perf_counter() - t0
+  ph.enter("steps")
 
   calls = max(1, steps // per_call)
   times = []
@@ -80,6 +89,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
   jax.block_until_ready(m)
   pipelined = (time.perf_counter() - t0) / (calls * per_call)
   profile = None
+  ph.enter("other")
   if profile_dir:
     state, profile = profile_ops(step_fn, state, batch, rng, profile_dir,
                                  calls=max(1, 10 // per_call),  # About 10 steps.
@@ -91,9 +101,11 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
   tokens_per_step = cfg.train.batch_size * mcfg.block_size
   median = statistics.median(times)
   achieved = flops_per_token * tokens_per_step / median
-  peak = metrics.peak_flops_total(mcfg.dtype)
   mem, mem_source = peak_memory_bytes()
   device = jax.devices()[0]
+  ph.enter("sample")
+  sampled = bench_sample(cfg, model, state.params) if sampling else {}
+  ph.enter("other")
   return {
       "device": f"{jax.device_count()} x {device.device_kind}",
       "mesh": dict(mesh.shape),
@@ -116,8 +128,9 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
       "peak_memory_bytes": mem,
       "peak_memory_source": mem_source,
       "host_allocator": allocator.loaded(),
-      **(bench_sample(cfg, model, state.params) if sampling else {}),
+      **sampled,
       **({"profile": profile} if profile is not None else {}),
+      "phases": {k: v for k, v in ph.totals().items()},
   }
 
 
@@ -246,6 +259,8 @@ def format_report(r: dict[str, Any]) -> str:
          f"decode {r['sample_decode_tokens_per_sec']:,.0f} tokens/s  (batch "
          f"{r['sample_batch']}, prompt {r['sample_prompt_tokens']}, "
          f"{r['sample_new_tokens']} new tokens)"] if "sample_batch" in r else []),
+      *([f"phases            {phases_lib.format_totals(r['phases'])}"]
+        if "phases" in r else []),
       *(["where the step time goes (summed XLA op time per step; ops may overlap):"]
         + [f"  {p['ms_per_step']:8.2f} ms  {100 * p['share']:5.1f}%  {p['ops_per_step']:5.1f} ops"
            f"  {p['source']}  [{p['kinds']}]" for p in r["profile"]]

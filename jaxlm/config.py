@@ -133,6 +133,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   z_loss = t.get("z_loss", 0.0)
   if not (isinstance(z_loss, int | float) and math.isfinite(z_loss) and z_loss >= 0):
     raise JaxlmError(f"train.z_loss={z_loss} must be >= 0 (0 = off): it penalizes log Z^2")
+  if cfg.sample.get("every", 0) < 0:
+    raise JaxlmError(f"sample.every={cfg.sample.every} must be >= 0 (0 = only the last step's "
+                     "sample)")
   if cfg.checkpoint.every < 0:
     raise JaxlmError(f"checkpoint.every={cfg.checkpoint.every} must be >= 0 (0 = only at the "
                      "end)")

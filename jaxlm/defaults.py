@@ -252,6 +252,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.sample = ml_collections.ConfigDict()
   c.sample.prompt = "\n"
+  # Steps between the samples written to samples.txt; 0 = only the last step's. The first
+  # sample compiles the sampler (off the critical path, while the train step compiles).
+  c.sample.every = 0
   c.sample.max_new_tokens = 200
   c.sample.temperature = 0.8  # 0 = greedy.
   c.sample.top_k = 40  # 0 = off.

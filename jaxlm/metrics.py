@@ -53,25 +53,83 @@ def flops_per_token(n_params: int, n_layer: int, d_model: int, seq_len: int,
 _measured_peak: dict[tuple[str, str], float] = {}
 
 
-def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "float32") -> float:
-  """Peak FLOP/s of one device: jaxlm.devices' table, else a matmul microbenchmark (cached).
+def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "float32", *,
+                          remeasure: bool = False) -> float:
+  """Peak FLOP/s of one device: jaxlm.devices' table, else a matmul microbenchmark.
 
   When jaxlm changed XLA's flags for this run (jaxlm.host.xla), the matmul is also timed in a
   child process with XLA's own flags, and the faster of the two is the peak: the flags may
   make the model faster and a plain matmul slower, and MFU must not gain from that.
+
+  A measured peak is kept per machine (see `peak_cache_key`) in the jaxlm cache directory, so
+  only a machine's first run pays the ~2 s it takes; `remeasure` (jaxlm bench) measures
+  again and keeps the faster of the two readings.
   """
   device = device or jax.devices()[0]
   kind = getattr(device, "device_kind", "") or ""
   if (known := devices.for_device_kind(kind)) is not None:
     return known.peak(dtype)
   key = (kind, dtype)
-  if key not in _measured_peak:
-    peak = measure_matmul_flops(device, dtype)
-    env = xla.original_env()
-    if env is not None and device.platform == "cpu":
-      peak = max(peak, _measure_matmul_flops_in_child(env, dtype))
-    _measured_peak[key] = peak
+  if key in _measured_peak and not remeasure:
+    return _measured_peak[key]
+  cache_key = peak_cache_key(device, dtype)
+  cached = _read_peak_cache().get(cache_key, 0.0)
+  if cached and not remeasure:
+    _measured_peak[key] = cached
+    return cached
+  peak = measure_matmul_flops(device, dtype)
+  env = xla.original_env()
+  if env is not None and device.platform == "cpu":
+    peak = max(peak, _measure_matmul_flops_in_child(env, dtype))
+  _measured_peak[key] = max(peak, cached)
+  _write_peak_cache(cache_key, _measured_peak[key])
   return _measured_peak[key]
+
+
+def peak_cache_path() -> str:
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "jaxlm", "peak_flops.json")
+
+
+def peak_cache_key(device: jax.Device, dtype: str) -> str:
+  """What a measured peak depends on: the processor, the cores this process may use, jax and
+  jaxlib, XLA's flags (as jaxlm set them) and the dtype. A change in any measures anew."""
+  model = ""
+  if device.platform == "cpu":
+    try:
+      with open("/proc/cpuinfo") as f:
+        model = next((line.split(":", 1)[1].strip() for line in f
+                      if line.startswith("model name")), "")
+    except OSError:
+      pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    model = f"{model} x{cores}"
+  return " | ".join([device.platform, device.device_kind, model, f"jax {jax.__version__}",
+                     f"jaxlib {jax.lib.__version__}", os.environ.get("XLA_FLAGS", ""), dtype])
+
+
+def _read_peak_cache() -> dict[str, float]:
+  try:
+    with open(peak_cache_path()) as f:
+      table = json.load(f)
+    return {k: float(v) for k, v in table.items()} if isinstance(table, dict) else {}
+  except (OSError, ValueError, TypeError):
+    return {}  # Missing or damaged: measure (and rewrite it).
+
+
+def _write_peak_cache(key: str, peak: float) -> None:
+  """Adds `key` to the cache file, atomically (two runs starting at once both write whole
+  files); a cache that cannot be written (read-only home) only costs the next run a measure."""
+  path = peak_cache_path()
+  table = {**_read_peak_cache(), key: peak}
+  tmp = f"{path}.{os.getpid()}.tmp"
+  try:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(tmp, "w") as f:
+      json.dump(table, f, indent=1)
+    os.replace(tmp, path)
+  except OSError:
+    pass
 
 
 def _measure_matmul_flops_in_child(env: dict[str, str], dtype: str) -> float:
@@ -86,7 +144,7 @@ def _measure_matmul_flops_in_child(env: dict[str, str], dtype: str) -> float:
     return 0.0
 
 
-def peak_flops_total(dtype: str = "float32") -> float:
+def peak_flops_total(dtype: str = "float32", *, remeasure: bool = False) -> float:
   """Peak FLOP/s of every device in the run, the denominator of MFU.
 
   CPU "devices" of one process share that host's cores (with
@@ -95,8 +153,8 @@ def peak_flops_total(dtype: str = "float32") -> float:
   """
   device = jax.devices()[0]
   if device.platform == "cpu":
-    return peak_flops_per_device(device, dtype) * jax.process_count()
-  return peak_flops_per_device(device, dtype) * jax.device_count()
+    return peak_flops_per_device(device, dtype, remeasure=remeasure) * jax.process_count()
+  return peak_flops_per_device(device, dtype, remeasure=remeasure) * jax.device_count()
 
 
 def measure_matmul_flops(device: jax.Device, dtype: str = "float32", n: int = 1024,
@@ -174,6 +232,26 @@ def format_duration(seconds: float) -> str:
   return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def _import_tensorboardx():
+  """tensorboardX's event writer, scalar summary and Event proto, imported without torch.
+
+  tensorboardX's package __init__ tries `import torch` (for torch tensors, which jaxlm never
+  passes it): where torch is installed that import took ~2.8 s of every run's startup here.
+  A None in sys.modules makes that import fail fast, as on a machine without torch; the entry
+  is removed again, so a later `import torch` elsewhere works as usual.
+  """
+  blocked = "torch" not in sys.modules
+  if blocked:
+    sys.modules["torch"] = None  # type: ignore[assignment]
+  try:
+    from tensorboardX import event_file_writer, summary
+    from tensorboardX.proto import event_pb2
+  finally:
+    if blocked:
+      del sys.modules["torch"]
+  return event_file_writer, summary, event_pb2
+
+
 class EventFile:
   """TensorBoard scalars, written to one events file of `directory` in the caller's thread.
 
@@ -188,8 +266,7 @@ class EventFile:
   """
 
   def __init__(self, directory: str, purge_step: int | None = None):
-    from tensorboardX import event_file_writer, summary  # Lazily: slow to import.
-    from tensorboardX.proto import event_pb2
+    event_file_writer, summary, event_pb2 = _import_tensorboardx()
     self._pb, self._scalar = event_pb2, summary.scalar
     os.makedirs(directory, exist_ok=True)
     self._writer = event_file_writer.EventsWriter(os.path.join(directory, "events"),

@@ -51,17 +51,24 @@ class SampleLog:
       if cut is not None:
         workdir_lib.write_text(self.path, text[:cut])
 
-  def write(self, step: int, params: Any) -> None:
+  def generate(self, step: int, params: Any) -> sample.SampleResult:
+    """The sample of `params` at `step` (every process takes part; nothing is written)."""
+    return sample.sample_text(self.sampler, params, self.tokenizer, [self.prompt],
+                              jax.random.fold_in(self.rng, step))
+
+  def append(self, step: int, result: sample.SampleResult) -> None:
+    """Writes `result` (generate's, of this step) to samples.txt, at most once per step."""
     if step <= self.last_step:
       return
     self.last_step = step
-    # Every process samples (the params may be sharded across them); process 0 writes.
-    result = sample.sample_text(self.sampler, params, self.tokenizer, [self.prompt],
-                                jax.random.fold_in(self.rng, step))
-    if jax.process_index() == 0:
+    if jax.process_index() == 0:  # The params may be sharded across processes: all sample.
       sample.append_samples(self.path, step, self.prompt, result.texts)
     logging.info("sample  step %d | %d tokens at %.0f tokens/s -> samples.txt", step,
                  result.num_tokens, result.tokens_per_sec)
+
+  def write(self, step: int, params: Any) -> None:
+    if step > self.last_step:
+      self.append(step, self.generate(step, params))
 
 
 class StepLog:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from concurrent import futures
 from typing import Any
 
 import jax
@@ -23,6 +24,7 @@ from jaxlm import config as config_lib
 from jaxlm import data as data_lib
 from jaxlm import evaluate, metrics, mup, optim, run_log, runs, sharding, tokenizers, wandb_sink
 from jaxlm import model as model_lib
+from jaxlm import phases as phases_lib
 from jaxlm import resume as resume_lib
 from jaxlm import step as step_lib
 from jaxlm import workdir as workdir_lib
@@ -123,20 +125,20 @@ def restore_or_init(setup: build_lib.Setup, ckpt: checkpoint_lib.Checkpointer,
 def next_boundary(step: int, cfg: ml_collections.ConfigDict) -> int:
   """The next step at which the loop must stop to log, evaluate, save or finish."""
   t = cfg.train
-  periods = [p for p in (t.log_every, t.eval_every, cfg.checkpoint.every, t.log_params_every)
-             if p > 0]
+  periods = [p for p in (t.log_every, t.eval_every, cfg.checkpoint.every, t.log_params_every,
+                         cfg.sample.get("every", 0)) if p > 0]
   candidates = [(step // p + 1) * p for p in periods] + [t.steps]
   if t.stop_at > step:
     candidates.append(t.stop_at)
   return min(candidates)
 
 
-def run_eval(training: build_lib.ShardedTraining, params: Any,
-             eval_batches: dict[str, tuple[dict[str, jax.Array], int]], aliases: dict[str, str],
-             step: int, writer: metrics.MetricsWriter,
-             suite: suite_lib.Suite | None = None) -> dict[str, float]:
+def eval_results(training: build_lib.ShardedTraining, params: Any,
+                 eval_batches: dict[str, tuple[dict[str, jax.Array], int]],
+                 aliases: dict[str, str], step: int,
+                 suite: suite_lib.Suite | None = None) -> dict[str, float]:
   """Loss, perplexity, bits per token and per byte on each set's fixed batches, and the
-  downstream tasks' metrics; logged and written."""
+  downstream tasks' metrics (computed only: `write_eval` logs and writes them)."""
   results = {f"{name}/{k}": v for name, (batches, n_bytes) in eval_batches.items()
              for k, v in evaluate.evaluate(training.eval, params, batches, n_bytes).items()}
   for alias, name in aliases.items():
@@ -146,6 +148,10 @@ def run_eval(training: build_lib.ShardedTraining, params: Any,
     task_results = suite.evaluate(params)
     results.update(suite_lib.flatten(task_results))
     logging.info("tasks step %d | %s", step, suite_lib.summary(task_results))
+  return results
+
+
+def write_eval(results: dict[str, float], step: int, writer: metrics.MetricsWriter) -> None:
   writer.write(step, {("eval_" + k if k.startswith("train/") else k): v
                       for k, v in results.items()})
   writer.write_table(step, "eval/table", eval_table(results))
@@ -154,7 +160,6 @@ def run_eval(training: build_lib.ShardedTraining, params: Any,
   logging.info("eval  step %d | train loss %.4f | val loss %.4f | val ppl %.2f | "
                "val bits/byte %.4f%s", step, results["train/loss"], results["val/loss"],
                results["val/perplexity"], results["val/bpb"], per_source)
-  return results
 
 
 def make_suite(cfg: ml_collections.ConfigDict, setup: build_lib.Setup,
@@ -206,8 +211,14 @@ def save(ckpt: checkpoint_lib.Checkpointer, training: build_lib.ShardedTraining,
 
 
 def log_setup(cfg: ml_collections.ConfigDict, setup: build_lib.Setup,
-              dataset: data_lib.Dataset | batches_lib.StoreData, params: Any) -> None:
+              dataset: data_lib.Dataset | batches_lib.StoreData, params: Any,
+              ph: phases_lib.Phases) -> None:
   mcfg, n_proc = setup.mcfg, jax.process_count()
+  logging.info("process %d of %d: %d of %d devices; mesh %s; this process holds %s",
+               jax.process_index(), n_proc, jax.local_device_count(), jax.device_count(),
+               dict(setup.mesh.shape), sharding.local_position(setup.mesh))
+  with ph("peak"):  # Measured once per machine on CPU, then read from its cache (metrics.py).
+    peak = metrics.peak_flops_total(mcfg.dtype)
   n_matmul = model_lib.matmul_params(params)
   logging.info("config:\n%s", cfg)
   logging.info("data: %s", dataset.summary())
@@ -227,7 +238,7 @@ def log_setup(cfg: ml_collections.ConfigDict, setup: build_lib.Setup,
                jax.device_count(), jax.devices()[0].device_kind, n_proc,
                dict(setup.mesh.shape), cfg.mesh.rules, cfg.train.batch_size,
                cfg.train.batch_size // n_proc, cfg.train.batch_size * mcfg.block_size,
-               metrics.peak_flops_total(mcfg.dtype) / 1e12, allocator.loaded())
+               peak / 1e12, allocator.loaded())
 
 
 def compile_steps(training: build_lib.ShardedTraining, state: TrainState, batches_KxB: Any,
@@ -243,15 +254,69 @@ def compile_steps(training: build_lib.ShardedTraining, state: TrainState, batche
   return steps_fn
 
 
-def eval_and_sample(training: build_lib.ShardedTraining, state: TrainState, eval_batches: Any,
-                    aliases: Any, step: int, writer: metrics.MetricsWriter, suite: Any,
-                    samples: run_log.SampleLog, last_saved: int | None) -> dict[str, float]:
-  """An evaluation (a diverged one stops the run before anything is saved), then a sample."""
-  eval_params = training.params_for_eval(state)
-  results = run_eval(training, eval_params, eval_batches, aliases, step, writer, suite)
-  check_eval(results, step, last_saved)
-  samples.write(step, eval_params)
-  return results
+def compile_programs(cfg: ml_collections.ConfigDict, setup: build_lib.Setup, state: TrainState,
+                     batches: Batches, samples: run_log.SampleLog, suite: Any,
+                     aliases: dict[str, str]) -> tuple[Any, Any, dict[str, float] | None, Any]:
+  """The train call compiled on this thread while a second one compiles the evaluation and
+  the sampler by running them on `state`. XLA compiles outside the GIL, so on two cores the
+  three programs take about as long as the train step alone. Returns the train call, the
+  eval batches, and the results at `state`: the evaluation (None unless one is due at step
+  0) and a sample (written only if one is due; else it only compiled the sampler)."""
+  training, step = setup.training, int(state.step)
+  eval_batches = batches.eval(cfg.train.eval_steps)
+  params = training.params_for_eval(state)
+
+  def first_eval_and_sample():
+    results = (eval_results(training, params, eval_batches, aliases, step, suite)
+               if cfg.train.eval_every and step == 0 else None)
+    return results, samples.generate(step, params)
+
+  with futures.ThreadPoolExecutor(1, thread_name_prefix="jaxlm-compile") as pool:
+    first = pool.submit(first_eval_and_sample)
+    steps_fn = compile_steps(training, state, batches.train(step, cfg.train.steps_per_call),
+                             setup.dropout_rng)
+    results, sample = first.result()
+  return steps_fn, eval_batches, results, sample
+
+
+@dataclasses.dataclass
+class Boundaries:
+  """What the loop does when it stops between calls: evaluate, sample, save; each timed as
+  its phase, after the steps before it have finished (their time is the steps')."""
+  training: build_lib.ShardedTraining
+  eval_batches: Any
+  aliases: dict[str, str]
+  suite: Any
+  writer: metrics.MetricsWriter
+  samples: run_log.SampleLog
+  ckpt: checkpoint_lib.Checkpointer
+  ckpt_meta: dict[str, Any]
+  step_log: run_log.StepLog
+  ph: phases_lib.Phases
+
+  def evaluate(self, state: TrainState, step: int, last_saved: int | None,
+               results: dict[str, float] | None = None) -> dict[str, float]:
+    """An evaluation, written; a diverged one stops the run before anything is saved."""
+    jax.block_until_ready(state)
+    with self.ph("eval"):
+      if results is None:
+        results = eval_results(self.training, self.training.params_for_eval(state),
+                               self.eval_batches, self.aliases, step, self.suite)
+      write_eval(results, step, self.writer)
+      check_eval(results, step, last_saved)
+    return results
+
+  def sample(self, state: TrainState, step: int) -> None:
+    jax.block_until_ready(state)
+    with self.ph("sample"):
+      self.samples.write(step, self.training.params_for_eval(state))
+
+  def save(self, state: TrainState, step: int, val_loss: float | None,
+           last_saved: int | None) -> None:
+    jax.block_until_ready(state)
+    with self.ph("save"):
+      save(self.ckpt, self.training, state, step, {**self.ckpt_meta, **self.step_log.meta()},
+           val_loss, last_saved)
 
 
 def open_records(cfg: ml_collections.ConfigDict, setup: build_lib.Setup, state: TrainState,
@@ -270,24 +335,27 @@ def open_records(cfg: ml_collections.ConfigDict, setup: build_lib.Setup, state: 
   return writer, run_log.StepLog(cfg, setup, state.params, writer, int(state.step), meta)
 
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns final metrics."""
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
+                       phases: phases_lib.Phases | None = None) -> dict[str, Any]:
+  """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns final metrics.
+  `phases` (jaxlm train's starts at process start) is logged and written at the end."""
   t_start = time.perf_counter()
+  ph = phases or phases_lib.Phases(start=t_start, first="other")
+  ph.enter("other")
   config_lib.validate_config(cfg)
   root = workdir_lib.prepare(workdir)  # A local path or gs:// URL (see workdir.py).
   is_main = jax.process_index() == 0
   # A resume: its changes checked before any data is read, its own tokenizer (resume.py).
   prior = resume_lib.open_run(workdir, cfg)
+  ph.enter("data")
   dataset = resume_lib.load_dataset(cfg, prior)
+  ph.enter("init")
   setup = build_lib.build(cfg, dataset.tokenizer.vocab_size)
   training, total_steps, per_call = setup.training, cfg.train.steps, cfg.train.steps_per_call
-  logging.info("process %d of %d: %d of %d devices; mesh %s; this process holds %s",
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), dict(setup.mesh.shape), sharding.local_position(setup.mesh))
   batches = Batches(dataset, cfg.seed, cfg.train.batch_size, setup.mcfg.block_size,
                     training.batch_sharding)
   samples = run_log.SampleLog(cfg, setup.model, dataset.tokenizer, root / "samples.txt")
-  suite = make_suite(cfg, setup, dataset.tokenizer)
+  suite, aliases = make_suite(cfg, setup, dataset.tokenizer), dataset.aliases()
 
   # --- Restore or init. Nothing in the workdir changes before the run is known to proceed
   # (restored and compiled): a refused resume leaves config.json describing the saved run.
@@ -297,23 +365,26 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
   # SIGTERM during the restore, compile or step-0 eval stops after the first call (a save).
   stop = StopRequest()
   state, latest = restore_or_init(setup, ckpt, latest, cfg.train.init_from, resolved["optim"])
-  log_setup(cfg, setup, dataset, state.params)
+  log_setup(cfg, setup, dataset, state.params, ph)
 
   # --- Compile ahead of time, so errors and compile time show before the loop. Calls run
   # K = steps_per_call steps, or one step at a time up to a boundary K does not divide.
   step = int(state.step)
-  steps_fn = compile_steps(training, state, batches.train(step, per_call), setup.dropout_rng)
-  eval_batches = batches.eval(cfg.train.eval_steps)
+  with ph("compile"):
+    steps_fn, eval_batches, first_eval, first_sample = compile_programs(
+        cfg, setup, state, batches, samples, suite, aliases)
   if is_main:  # The first writes to the workdir (the writer's files and W&B's id come next).
     resume_lib.write_run(root, dataset.tokenizer, resolved, prior)
   writer, step_log = open_records(cfg, setup, state, workdir, resolved, samples, ckpt, latest)
+  at = Boundaries(training, eval_batches, aliases, suite, writer, samples, ckpt, ckpt_meta,
+                  step_log, ph)
 
-  final = {}
-  if cfg.train.eval_every and step == 0:
-    final = eval_and_sample(training, state, eval_batches, dataset.aliases(), step, writer,
-                            suite, samples, latest)
+  final = {} if first_eval is None else at.evaluate(state, step, latest, first_eval)
+  if cfg.sample.every and step == 0:
+    samples.append(step, first_sample)
   last_saved, stopped_early = latest, False
   try:
+    ph.enter("steps")
     while step < total_steps:
       # Dispatch is asynchronous: the host builds the next batches while the device computes.
       k = per_call if next_boundary(step, cfg) - step >= per_call else 1
@@ -325,6 +396,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       stopping = stop.should_stop(step) or step == cfg.train.stop_at
       logged = step % cfg.train.log_every == 0 or done  # A stop only prints (see flush).
       evaluated = cfg.train.eval_every and (step % cfg.train.eval_every == 0 or done)
+      sampled = cfg.sample.every and step % cfg.sample.every == 0
       saving = done or stopping or bool(cfg.checkpoint.every and step % cfg.checkpoint.every == 0)
       # A diverged run stops at its first non-finite loss, before it logs, evaluates or saves
       # anything of that state, so the checkpoints it keeps are all finite.
@@ -333,38 +405,45 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str
       if logged or stopping:
         step_log.flush(step, record=logged)
       if evaluated:
-        final = eval_and_sample(training, state, eval_batches, dataset.aliases(), step,
-                                writer, suite, samples, last_saved)
+        final = at.evaluate(state, step, last_saved)
+      if sampled:
+        at.sample(state, step)
       if saving:
-        save(ckpt, training, state, step, {**ckpt_meta, **step_log.meta()},
-             final["val/loss"] if evaluated else None, last_saved)
+        at.save(state, step, final["val/loss"] if evaluated else None, last_saved)
         last_saved = step
-      if evaluated or last_saved == step:
+      if evaluated or sampled or last_saved == step:
         step_log.restart_clock(step)
       if stopping:
         stopped_early = not done
         break
     if last_saved != step:  # E.g. train.steps = 0: still one.
-      save(ckpt, training, state, step, {**ckpt_meta, **step_log.meta()}, None, last_saved)
+      at.save(state, step, None, last_saved)
   except BaseException:
     writer.close(failed=True)
     raise
   finally:
     stop.restore()
-    t0 = time.perf_counter()
-    ckpt.wait()  # Every started save completes (or the process dies and it never counts).
-    ckpt.close()
-  logging.info("checkpoints finished writing in %.2fs", time.perf_counter() - t0)
+    with ph("save"):
+      ckpt.wait()  # Every started save completes (or the process dies and it never counts).
+      ckpt.close()
   with writer:  # Open until the wall-time record, so that every sink (W&B too) gets it.
     if not stopped_early:
-      samples.write(step, training.params_for_eval(state))
+      at.sample(state, step)
+    ph.enter("other")
     wall = time.perf_counter() - t_start
-    writer.write(step, {"wall_time_sec": wall})
+    writer.write(step, {"wall_time_sec": wall, **ph.record()})
+  finish_log(cfg, step, stop, stopped_early, wall, final, ph)
+  return {**final, "wall_time_sec": wall, "step": step, "stopped_early": stopped_early}
+
+
+def finish_log(cfg: ml_collections.ConfigDict, step: int, stop: StopRequest,
+               stopped_early: bool, wall: float, final: dict[str, float],
+               ph: phases_lib.Phases) -> None:
   if stopped_early:
     why = stop.signal_name or f"train.stop_at={cfg.train.stop_at}"
     logging.info("stopped at step %d/%d (%s) with a checkpoint; run the same command to resume",
-                 step, total_steps, why)
+                 step, cfg.train.steps, why)
+  logging.info("phases: %s", ph.summary())
   logging.info("done: %d steps in %s (%.1fs wall, compile and evals included)%s", step,
                metrics.format_duration(wall), wall,
                f" | final val loss {final['val/loss']:.4f}" if final else "")
-  return {**final, "wall_time_sec": wall, "step": step, "stopped_early": stopped_early}

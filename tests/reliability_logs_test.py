@@ -95,10 +95,10 @@ def test_records_written_after_the_last_checkpoint_are_replaced_not_doubled(tmp_
   """Item 10: an attempt that died after logging steps 25 and 30 but before checkpoint 30
   finished; the resumed run writes those steps again, once."""
   w = tmp_path / "w"
-  train(w)
+  train(w, "--config.sample.every=15")
   shutil.rmtree(w / "checkpoints" / "30")  # As if the process died while saving step 30.
   want = keyed(w)
-  train(w)
+  train(w, "--config.sample.every=15")
   got = keyed(w)
   assert [s for s, _ in got] == [s for s, _ in want]
   np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)

@@ -355,10 +355,11 @@ def test_bad_prompts_are_one_line_errors():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-  """A smoke run of 4 steps with evaluations (and so samples) at steps 0, 2 and 4."""
+  """A smoke run of 4 steps with evaluations and samples at steps 0, 2 and 4."""
   workdir = str(tmp_path_factory.mktemp("sample") / "run")
   cfg = load_config("smoke")
   cfg.train.steps, cfg.train.eval_every, cfg.train.eval_steps = 4, 2, 1
+  cfg.sample.every = 2
   cfg.sample.prompt, cfg.sample.max_new_tokens = "ROMEO:", 24
   train.train_and_evaluate(cfg, workdir)
   return workdir
@@ -379,7 +380,7 @@ def test_training_with_bad_sample_settings_fails_before_writing_anything(tmp_pat
 
 
 @pytest.mark.slow
-def test_training_appends_a_sample_at_each_evaluation_and_the_end(trained):
+def test_training_appends_a_sample_every_sample_every_steps_and_at_the_end(trained):
   with open(os.path.join(trained, "samples.txt"), encoding="utf-8") as f:
     parts = re.split(r"== step (\d+) ==\n", f.read())
   assert parts[0] == "" and parts[1::2] == ["0", "2", "4"]

@@ -239,6 +239,7 @@ def smoke(**overrides):
   cfg.train.steps = 20
   cfg.checkpoint.every = 5
   cfg.train.eval_every = 10
+  cfg.sample.every = 10
   cfg.model.dropout = 0.1  # As in checkpoint_test: resume must rebuild the dropout key too.
   for key, value in overrides.items():
     section, name = key.split(".")

@@ -30,6 +30,8 @@ _SAMPLING = flags.DEFINE_bool("sampling", True, "bench: also time sampling (pref
 
 def main(argv: list[str]) -> None:
   del argv
+  from jaxlm import phases
+  clock = phases.Phases(start=phases.process_start())  # Interpreter start and imports count.
   common.require(_CONFIG.value, "config")
   import json
 
@@ -40,7 +42,8 @@ def main(argv: list[str]) -> None:
   if _PROFILE.value:
     workdir.prepare(_PROFILE.value)  # A directory that cannot be made is one line, up front.
   report = bench.bench_train(_CONFIG.value, steps=_BENCH_STEPS.value,
-                             profile_dir=_PROFILE.value, sampling=_SAMPLING.value)
+                             profile_dir=_PROFILE.value, sampling=_SAMPLING.value,
+                             phases=clock)
   print(bench.format_report(report))
   if _JSON_OUT.value:
     with open(_JSON_OUT.value, "w", encoding="utf-8") as f:

@@ -22,6 +22,8 @@ _WORKDIR = common.define_workdir(FLAGS)
 
 def main(argv: list[str]) -> None:
   del argv
+  from jaxlm import phases
+  clock = phases.Phases(start=phases.process_start())  # Interpreter start and imports count.
   common.require(_CONFIG.value, "config")
   common.require(_WORKDIR.value, "workdir")
   # Imported here so that `jaxlm train --help` does not load jax.
@@ -43,7 +45,7 @@ def main(argv: list[str]) -> None:
   try:
     # One run per workdir (see lock.py); process 0 speaks for a multi-process run.
     with lock.WorkdirLock(_WORKDIR.value, enabled=jax.process_index() == 0):
-      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      train.train_and_evaluate(_CONFIG.value, _WORKDIR.value, clock)
   except OSError as e:
     if e.errno not in workdir_lib.DISK_FULL:
       raise

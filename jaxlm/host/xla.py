@@ -107,4 +107,8 @@ def enable_compile_cache(value: str) -> str:
   if "://" not in value and os.path.exists(value) and not os.path.isdir(value):
     raise JaxlmError(f"compile_cache={value!r} is a file, not a directory")
   jax.config.update("jax_compilation_cache_dir", value)
+  # JAX caches only programs that took over 1 s to compile; the sampler's prefill (~0.8 s
+  # here) and the evaluation are below that, and a rerun would compile them again.
+  if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   return value

@@ -1,0 +1,112 @@
+"""The whole default run, jaxlm against nanoGPT, back to back on this machine.
+
+  python experiments/cpu_throughput/end_to_end.py --nanogpt /path/to/nanoGPT [--pairs 2]
+
+Each pair runs, one after the other:
+  1. nanoGPT's CPU shakespeare_char command (its README's "I only have a macbook" line);
+  2. `jaxlm train --config configs/shakespeare_char.py` in a fresh workdir with empty caches
+     (a new XDG_CACHE_HOME: no token cache, no compiled programs, no cached matmul peak);
+  3. the same jaxlm command again in another fresh workdir, its caches now warm.
+Every wall is the process' own, from launch to exit (imports and interpreter start included),
+as a user waits for it. The ratios are jaxlm's wall over the nanoGPT wall of the same pair.
+Results are printed and appended, one JSON object per pair, to --out.
+
+Without --nanogpt only the two jaxlm runs are timed. nanoGPT's shakespeare_char/prepare.py
+downloads the corpus when its input.txt is missing; the shipped copy is put there first, so
+nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CORPUS = REPO / "jaxlm" / "corpora" / "tinyshakespeare.txt.xz"
+NANOGPT_CMD = ["train.py", "config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+               "--eval_iters=20", "--log_interval=1", "--block_size=64", "--batch_size=12",
+               "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+               "--lr_decay_iters=2000", "--dropout=0.0"]
+JAXLM_CMD = [str(Path(sys.executable).parent / "jaxlm"), "train",
+             "--config", str(REPO / "configs" / "shakespeare_char.py")]
+
+
+def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[float, str]:
+  """(wall seconds, combined output) of one command; a failure stops the script."""
+  t0 = time.perf_counter()
+  out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+  wall = time.perf_counter() - t0
+  log.write_text(out.stdout + out.stderr)
+  if out.returncode != 0:
+    sys.exit(f"{' '.join(cmd)} exited {out.returncode}; its output is in {log}")
+  return wall, out.stdout + out.stderr
+
+
+def prepare_nanogpt(root: Path) -> None:
+  data = root / "data" / "shakespeare_char"
+  if not (data / "input.txt").exists():
+    (data / "input.txt").write_bytes(lzma.decompress(CORPUS.read_bytes()))
+  if not (data / "train.bin").exists():
+    subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
+
+
+def run_nanogpt(root: Path, scratch: Path) -> dict[str, float]:
+  shutil.rmtree(root / "out-shakespeare-char", ignore_errors=True)
+  wall, out = timed([sys.executable, *NANOGPT_CMD], root, dict(os.environ), scratch / "nanogpt.log")
+  val = float(re.findall(r"step 2000: train loss [\d.]+, val loss ([\d.]+)", out)[-1])
+  return {"wall": wall, "val_loss": val}
+
+
+def run_jaxlm(cache: Path, scratch: Path, name: str) -> dict[str, float]:
+  env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+  workdir = scratch / name
+  wall, out = timed([*JAXLM_CMD, "--workdir", str(workdir)], REPO, env,
+                    scratch / f"{name}.log")
+  val = float(re.findall(r"final val loss ([\d.]+)", out)[-1])
+  result = {"wall": wall, "val_loss": val}
+  phases = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+  result.update({k: v for rec in phases for k, v in rec.items() if k.startswith("phase/")})
+  return result
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (karpathy/nanoGPT)")
+  parser.add_argument("--pairs", type=int, default=1)
+  parser.add_argument("--out", type=Path, default=Path(__file__).parent / "end_to_end.jsonl")
+  args = parser.parse_args()
+  if args.nanogpt is not None:
+    if not (args.nanogpt / "train.py").exists():
+      sys.exit(f"--nanogpt {args.nanogpt}: no train.py there; give a nanoGPT checkout")
+    prepare_nanogpt(args.nanogpt)
+  for i in range(args.pairs):
+    with tempfile.TemporaryDirectory(prefix="jaxlm_e2e_") as tmp:
+      scratch = Path(tmp)
+      row: dict[str, object] = {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                "load_before": os.getloadavg()[0]}
+      if args.nanogpt is not None:
+        row["nanogpt"] = run_nanogpt(args.nanogpt, scratch)
+        print(f"pair {i + 1}: nanoGPT      {row['nanogpt']['wall']:6.1f} s  "
+              f"val {row['nanogpt']['val_loss']:.4f}", flush=True)
+      for name in ("jaxlm_cold", "jaxlm_warm"):
+        row[name] = run_jaxlm(scratch / "cache", scratch, name)
+        ratio = (f"  ratio {row[name]['wall'] / row['nanogpt']['wall']:.3f}"
+                 if "nanogpt" in row else "")
+        print(f"pair {i + 1}: {name:12s} {row[name]['wall']:6.1f} s  "
+              f"val {row[name]['val_loss']:.4f}{ratio}", flush=True)
+      row["load_after"] = os.getloadavg()[0]
+      with args.out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+  main()
