@@ -18,6 +18,7 @@ from jaxlm import devices, wandb_sink
 from jaxlm import model as model_lib
 from jaxlm import workdir as workdir_lib
 from jaxlm.host import xla
+from jaxlm.matmul_peak import measure_matmul_flops
 
 # In a gs:// workdir, metrics.jsonl and TensorBoard events are uploaded (whole) at most this
 # often; a run killed without a chance to close loses at most this many seconds of records.
@@ -134,8 +135,9 @@ def _write_peak_cache(key: str, peak: float) -> None:
 
 def _measure_matmul_flops_in_child(env: dict[str, str], dtype: str) -> float:
   """measure_matmul_flops on the CPU of a fresh process with environment `env` (0 on failure)."""
-  code = ("import jax; from jaxlm import metrics; "
-          f"print(metrics.measure_matmul_flops(jax.devices('cpu')[0], {dtype!r}))")
+  # jaxlm.matmul_peak imports jax alone (not flax, optax, orbax): the child needs no more.
+  code = ("import jax; from jaxlm import matmul_peak; "
+          f"print(matmul_peak.measure_matmul_flops(jax.devices('cpu')[0], {dtype!r}))")
   try:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=300, check=True).stdout
@@ -155,20 +157,6 @@ def peak_flops_total(dtype: str = "float32", *, remeasure: bool = False) -> floa
   if device.platform == "cpu":
     return peak_flops_per_device(device, dtype, remeasure=remeasure) * jax.process_count()
   return peak_flops_per_device(device, dtype, remeasure=remeasure) * jax.device_count()
-
-
-def measure_matmul_flops(device: jax.Device, dtype: str = "float32", n: int = 1024,
-                         reps: int = 20) -> float:
-  """Best-of-`reps` FLOP/s of an n×n×n matmul on `device`: the attainable peak there."""
-  x = jax.device_put(jnp.ones((n, n), dtype=dtype), device)
-  f = jax.jit(lambda a: a @ a)
-  f(x).block_until_ready()
-  best = math.inf
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t0)
-  return 2.0 * n**3 / best
 
 
 # Keys of the per-layer statistics that train_step returns when train.log_params_every > 0.
