@@ -2,7 +2,7 @@
 
   python experiments/cpu_throughput/end_to_end.py --nanogpt /path/to/nanoGPT [--pairs 2]
 
-Each pair runs, one after the other:
+Each pair runs, one after the other (odd pairs in this order, even pairs with nanoGPT last):
   1. nanoGPT's CPU shakespeare_char command (its README's "I only have a macbook" line);
   2. `jaxlm train --config configs/shakespeare_char.py` in a fresh workdir with empty caches
      (a new XDG_CACHE_HOME: no token cache, no compiled programs, no cached matmul peak);
@@ -93,16 +93,22 @@ def main() -> None:
       scratch = Path(tmp)
       row: dict[str, object] = {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
                                 "load_before": os.getloadavg()[0]}
-      if args.nanogpt is not None:
-        row["nanogpt"] = run_nanogpt(args.nanogpt, scratch)
-        print(f"pair {i + 1}: nanoGPT      {row['nanogpt']['wall']:6.1f} s  "
-              f"val {row['nanogpt']['val_loss']:.4f}", flush=True)
-      for name in ("jaxlm_cold", "jaxlm_warm"):
-        row[name] = run_jaxlm(scratch / "cache", scratch, name)
-        ratio = (f"  ratio {row[name]['wall'] / row['nanogpt']['wall']:.3f}"
-                 if "nanogpt" in row else "")
+      # Odd pairs run nanoGPT first, even pairs last: neither side always follows the other.
+      order = ["nanogpt", "jaxlm_cold", "jaxlm_warm"]
+      if args.nanogpt is None:
+        order.remove("nanogpt")
+      elif i % 2:
+        order = order[1:] + order[:1]
+      for name in order:
+        row[name] = (run_nanogpt(args.nanogpt, scratch) if name == "nanogpt" else
+                     run_jaxlm(scratch / "cache", scratch, name))
         print(f"pair {i + 1}: {name:12s} {row[name]['wall']:6.1f} s  "
-              f"val {row[name]['val_loss']:.4f}{ratio}", flush=True)
+              f"val {row[name]['val_loss']:.4f}", flush=True)
+      if "nanogpt" in row:
+        row.update({f"ratio_{n[6:]}": row[n]["wall"] / row["nanogpt"]["wall"]
+                    for n in ("jaxlm_cold", "jaxlm_warm")})
+        print(f"pair {i + 1}: jaxlm / nanoGPT: cold {row['ratio_cold']:.3f}, warm "
+              f"{row['ratio_warm']:.3f}", flush=True)
       row["load_after"] = os.getloadavg()[0]
       with args.out.open("a") as f:
         f.write(json.dumps(row) + "\n")
