@@ -63,8 +63,8 @@ def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "float3
   make the model faster and a plain matmul slower, and MFU must not gain from that.
 
   A measured peak is kept per machine (see `peak_cache_key`) in the jaxlm cache directory, so
-  only a machine's first run pays the ~2 s it takes; `remeasure` (jaxlm bench) measures
-  again and keeps the faster of the two readings.
+  only a machine's first run pays for the measurement (a second process, when flags changed);
+  `remeasure` (jaxlm bench) measures again and keeps the faster of the two readings.
   """
   device = device or jax.devices()[0]
   kind = getattr(device, "device_kind", "") or ""

@@ -258,8 +258,8 @@ def compile_programs(cfg: ml_collections.ConfigDict, setup: build_lib.Setup, sta
                      batches: Batches, samples: run_log.SampleLog, suite: Any,
                      aliases: dict[str, str]) -> tuple[Any, Any, dict[str, float] | None, Any]:
   """The train call compiled on this thread while a second one compiles the evaluation and
-  the sampler by running them on `state`. XLA compiles outside the GIL, so on two cores the
-  three programs take about as long as the train step alone. Returns the train call, the
+  the sampler by running them on `state`. XLA compiles outside the GIL, so their compiles
+  overlap the train step's (tracing, which holds it, does not). Returns the train call, the
   eval batches, and the results at `state`: the evaluation (None unless one is due at step
   0) and a sample (written only if one is due; else it only compiled the sampler)."""
   training, step = setup.training, int(state.step)
