@@ -3,7 +3,7 @@
   jaxlm train --config configs/shakespeare_char.py --workdir runs/sc
 
 Expected on a 2-core CPU: val loss 1.875 after 2000 steps, 65-85 s wall from launch with
-compile and evals, 53-76 s on a rerun that finds its programs in the compile cache (nanoGPT
+compile and evals, 52-77 s on a rerun that finds its programs in the compile cache (nanoGPT
 reports ~1.88 for the same recipe and took 91-101 s beside it); 0.82M parameters, 24-33k
 tokens/s (experiments/cpu_throughput/).
 """

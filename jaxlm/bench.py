@@ -130,7 +130,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
       "host_allocator": allocator.loaded(),
       **sampled,
       **({"profile": profile} if profile is not None else {}),
-      "phases": {k: v for k, v in ph.totals().items()},
+      "phases": ph.totals(),
   }
 
 

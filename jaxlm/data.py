@@ -90,8 +90,7 @@ def _read_file(path: str) -> bytes:
 
 
 def default_cache_dir() -> str:
-  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(root, "jaxlm", "tokens")
+  return workdir_lib.cache_dir("tokens")
 
 
 def load_dataset(path: str, tokenizer: str, *, val_fraction: float, block_size: int,

@@ -88,8 +88,7 @@ def peak_flops_per_device(device: jax.Device | None = None, dtype: str = "float3
 
 
 def peak_cache_path() -> str:
-  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(root, "jaxlm", "peak_flops.json")
+  return workdir_lib.cache_dir("peak_flops.json")
 
 
 def peak_cache_key(device: jax.Device, dtype: str) -> str:
@@ -224,7 +223,7 @@ def _import_tensorboardx():
   """tensorboardX's event writer, scalar summary and Event proto, imported without torch.
 
   tensorboardX's package __init__ tries `import torch` (for torch tensors, which jaxlm never
-  passes it): where torch is installed that import took ~2.8 s of every run's startup here.
+  passes it): where torch is installed, that import was most of a short run's startup.
   A None in sys.modules makes that import fail fast, as on a machine without torch; the entry
   is removed again, so a later `import torch` elsewhere works as usual.
   """

@@ -6,7 +6,7 @@ construction (their sum is the wall from the clock's start, with nothing counted
   phases = Phases(start=process_start())
   with phases("data"):
     ...            # counted as data, not as what was running around it
-  phases.summary() # "startup 2.1s 3% | data 0.4s 1% | ... | wall 71.3s"
+  phases.summary() # "startup <s>s <share>% | data ... | wall <s>s"
 
 Work that runs on other threads during a phase (the eval and sample programs compiling while
 the train step compiles) belongs to the phase the main thread is in. Device work is
@@ -84,7 +84,8 @@ class Phases:
 
 
 def format_totals(totals: dict[str, float]) -> str:
-  """"startup 2.1s 3% | data 0.4s 1% | ... | wall 71.3s" (phases under 0.05 s left out)."""
+  """"<phase> <seconds>s <share of the wall>% | ... | wall <seconds>s" (phases under 0.05 s
+  left out of the line)."""
   totals = dict(totals)
   wall = max(totals.pop("wall"), 1e-9)
   parts = [f"{k} {v:.1f}s {100 * v / wall:.0f}%" for k, v in totals.items() if v >= 0.05]

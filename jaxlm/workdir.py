@@ -29,6 +29,12 @@ from etils import epath
 
 from jaxlm.errors import JaxlmError
 
+
+def cache_dir(name: str) -> str:
+  """$XDG_CACHE_HOME/jaxlm/<name> (else ~/.cache/jaxlm/<name>): jaxlm's caches on this machine."""
+  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(root, "jaxlm", name)
+
 Path = epath.Path
 GCS_HOST = "storage.googleapis.com"
 SCHEMES = ("gs",)  # URL schemes a workdir may use: tested end to end (orbax, gcsfs, tensorboard).

@@ -51,6 +51,13 @@ def timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[fl
   return wall, out.stdout + out.stderr
 
 
+def final_loss(pattern: str, out: str, who: str) -> float:
+  found = re.findall(pattern, out)
+  if not found:
+    sys.exit(f"{who} printed no final val loss (pattern {pattern!r}); see its log")
+  return float(found[-1])
+
+
 def prepare_nanogpt(root: Path) -> None:
   data = root / "data" / "shakespeare_char"
   if not (data / "input.txt").exists():
@@ -62,7 +69,7 @@ def prepare_nanogpt(root: Path) -> None:
 def run_nanogpt(root: Path, scratch: Path) -> dict[str, float]:
   shutil.rmtree(root / "out-shakespeare-char", ignore_errors=True)
   wall, out = timed([sys.executable, *NANOGPT_CMD], root, dict(os.environ), scratch / "nanogpt.log")
-  val = float(re.findall(r"step 2000: train loss [\d.]+, val loss ([\d.]+)", out)[-1])
+  val = final_loss(r"step 2000: train loss [\d.]+, val loss ([\d.]+)", out, "nanoGPT")
   return {"wall": wall, "val_loss": val}
 
 
@@ -71,7 +78,7 @@ def run_jaxlm(cache: Path, scratch: Path, name: str) -> dict[str, float]:
   workdir = scratch / name
   wall, out = timed([*JAXLM_CMD, "--workdir", str(workdir)], REPO, env,
                     scratch / f"{name}.log")
-  val = float(re.findall(r"final val loss ([\d.]+)", out)[-1])
+  val = final_loss(r"final val loss ([\d.]+)", out, "jaxlm")
   result = {"wall": wall, "val_loss": val}
   phases = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
   result.update({k: v for rec in phases for k, v in rec.items() if k.startswith("phase/")})

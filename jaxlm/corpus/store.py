@@ -144,8 +144,7 @@ def first_difference(old: dict, new: dict) -> str | None:
 
 
 def default_cache_dir() -> str:
-  root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-  return os.path.join(root, "jaxlm", "stores")
+  return workdir_lib.cache_dir("stores")
 
 
 class Store:

@@ -24,6 +24,7 @@ import jax
 import jaxlib
 from absl import logging
 
+from jaxlm import workdir as workdir_lib
 from jaxlm.errors import JaxlmError
 
 # jaxlib "major.minor" -> the flags "auto" adds (XLA flag names change between versions).
@@ -102,13 +103,12 @@ def enable_compile_cache(value: str) -> str:
   if not value or jax.config.jax_compilation_cache_dir:
     return jax.config.jax_compilation_cache_dir or ""
   if value == "auto":
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    value = os.path.join(root, "jaxlm", "xla")
+    value = workdir_lib.cache_dir("xla")
   if "://" not in value and os.path.exists(value) and not os.path.isdir(value):
     raise JaxlmError(f"compile_cache={value!r} is a file, not a directory")
   jax.config.update("jax_compilation_cache_dir", value)
-  # JAX caches only programs that took over 1 s to compile; the sampler's prefill (~0.8 s
-  # here) and the evaluation are below that, and a rerun would compile them again.
+  # JAX caches only programs that took over 1 s to compile; small models' sampler prefill
+  # and evaluation can be below that, and a rerun would compile them again.
   if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
   return value
