@@ -18,8 +18,9 @@ def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
   test_cmd = [line for line in blocks[1].splitlines() if not line.startswith("#")][0]
   assert "python3 -m venv" in train_cmd and "jaxlm train --config configs/shakespeare_char.py" in (
       train_cmd)
-  assert test_cmd.endswith("python -m pytest -q")
-  assert "python -m pytest -q\n" in ci
+  pytest_cmd = "python -m pytest -q -n 2 --dist loadfile"
+  assert test_cmd.endswith(pytest_cmd)
+  assert pytest_cmd + "\n" in ci
   # CI installs exactly what the README's test command installs.
   assert re.findall(r"pip install (\S+==\S+)", test_cmd) == re.findall(
       r"pip install --quiet (\S+==\S+)", ci)
