@@ -413,7 +413,7 @@ signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
 os.makedirs(workdir, exist_ok=True)
 with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
   for step in range(1, 11):
-    time.sleep(0.03)
+    time.sleep(0.05)
     # The best learning rate is 10^-2.5; every step lowers the loss a little.
     loss = 2 + abs(math.log10(lr) + 2.5) + 1 / step
     f.write(json.dumps({"step": step, "val/loss": loss}) + "\\n")
@@ -424,7 +424,7 @@ with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
       os.kill(os.getppid(), signal.SIGTERM)  # As if the sweep were preempted.
     if stop:
       break
-  f.write(json.dumps({"step": step, "wall_time_sec": 0.3}) + "\\n")
+  f.write(json.dumps({"step": step, "wall_time_sec": 0.5}) + "\\n")
 '''
 
 
@@ -495,10 +495,12 @@ def test_search_prunes_trials_worse_than_the_median(tmp_path, monkeypatch):
   states = [t.state.name for t in study.get_trials()]
   assert len(states) == 12 and "PRUNED" in states and "COMPLETE" in states
   assert set(states) <= {"PRUNED", "COMPLETE"}
-  for row in rows:
-    assert row["status"] in ("done", "pruned")
-    if row["status"] == "pruned":
-      assert row["steps"] < 10  # Stopped early, by SIGTERM.
+  assert {r["status"] for r in rows} <= {"done", "pruned"}
+  # A trial started while the fifth was still running is judged only once that one completes,
+  # which can be at its own last step: then it is pruned having run all 10. Trials started
+  # later are judged at their first step, and SIGTERM stops them well before step 10.
+  pruned_steps = [r["steps"] for r in rows if r["status"] == "pruned"]
+  assert max(pruned_steps) <= 10 and min(pruned_steps) < 10, pruned_steps
   assert [r["status"] for r in rows].count("pruned") == states.count("PRUNED")
   best = study.best_trial
   assert rows[0]["final_val_loss"] == best.value
