@@ -5,7 +5,7 @@
 Expected on a 2-core CPU: val loss 1.875 after 2000 steps, 65-85 s wall from launch with
 compile and evals, 52-77 s on a rerun that finds its programs in the compile cache (nanoGPT
 reports ~1.88 for the same recipe and took 91-101 s beside it); on a slower 2-core AMD EPYC VM
-122-132 s and 116-121 s (nanoGPT 126-140 s); 0.82M parameters, 15-33k tokens/s
+111-136 s and 96-121 s (nanoGPT 106-140 s); 0.82M parameters, 15-33k tokens/s
 (experiments/cpu_throughput/).
 """
 
