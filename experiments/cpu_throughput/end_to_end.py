@@ -9,7 +9,9 @@ Each pair runs, one after the other (odd pairs in this order, even pairs with na
   3. the same jaxlm command again in another fresh workdir, its caches now warm.
 Every wall is the process' own, from launch to exit (imports and interpreter start included),
 as a user waits for it. The ratios are jaxlm's wall over the nanoGPT wall of the same pair.
-Results are printed and appended, one JSON object per pair, to --out.
+Results are printed and appended, one JSON object per pair, to --out; a row also names the
+CPU model and core count, and gives nanoGPT's median step time from its own per-iteration log
+(`step_ms_median`; jaxlm's steps are in its `phase/steps_sec`).
 
 Without --nanogpt only the two jaxlm runs are timed. nanoGPT's shakespeare_char/prepare.py
 downloads the corpus when its input.txt is missing; the shipped copy is put there first, so
@@ -22,8 +24,10 @@ import argparse
 import json
 import lzma
 import os
+import platform
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,11 +70,16 @@ def prepare_nanogpt(root: Path) -> None:
     subprocess.run([sys.executable, "prepare.py"], cwd=data, check=True, capture_output=True)
 
 
-def run_nanogpt(root: Path, scratch: Path) -> dict[str, float]:
+def run_nanogpt(root: Path, scratch: Path) -> dict[str, float | None]:
   shutil.rmtree(root / "out-shakespeare-char", ignore_errors=True)
   wall, out = timed([sys.executable, *NANOGPT_CMD], root, dict(os.environ), scratch / "nanogpt.log")
   val = final_loss(r"step 2000: train loss [\d.]+, val loss ([\d.]+)", out, "nanoGPT")
-  return {"wall": wall, "val_loss": val}
+  # Its own per-iteration times, without the iterations that also evaluated (every 250th) and
+  # the first 20 (warm-up): the step alone, to set beside jaxlm's phase/steps_sec / 2000.
+  times = [float(ms) for it, ms in re.findall(r"iter (\d+): loss [\d.]+, time ([\d.]+)ms", out)
+           if int(it) > 20 and int(it) % 250]
+  step_ms = statistics.median(times) if times else None
+  return {"wall": wall, "val_loss": val, "step_ms_median": step_ms}
 
 
 def run_jaxlm(cache: Path, scratch: Path, name: str) -> dict[str, float]:
@@ -83,6 +92,18 @@ def run_jaxlm(cache: Path, scratch: Path, name: str) -> dict[str, float]:
   phases = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
   result.update({k: v for rec in phases for k, v in rec.items() if k.startswith("phase/")})
   return result
+
+
+def cpu_model() -> str:
+  """The CPU's model name (Linux), so rows from different machines can be told apart."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -98,8 +119,8 @@ def main() -> None:
   for i in range(args.pairs):
     with tempfile.TemporaryDirectory(prefix="jaxlm_e2e_") as tmp:
       scratch = Path(tmp)
-      row: dict[str, object] = {"time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                "load_before": os.getloadavg()[0]}
+      row: dict[str, object] = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu_model(),
+                                "cores": os.cpu_count(), "load_before": os.getloadavg()[0]}
       # Odd pairs run nanoGPT first, even pairs last: neither side always follows the other.
       order = ["nanogpt", "jaxlm_cold", "jaxlm_warm"]
       if args.nanogpt is None:
