@@ -25,19 +25,29 @@ from collections.abc import Iterator
 NAMES = ("startup", "data", "init", "peak", "compile", "steps", "eval", "sample", "save", "other")
 
 
+# Set by host.allocator before it re-executes the process: "<pid>:<process_start()>", so the
+# restarted interpreter keeps counting from the first one's start.
+STARTED_ENV = "JAXLM_STARTED_AT"
+
+
 def process_start() -> float:
-  """This process' start on the time.perf_counter clock: interpreter start and imports belong
-  to the run's wall. Read from /proc where there is one (10 ms ticks), else now."""
-  now = time.perf_counter()
-  try:
-    with open("/proc/self/stat") as f:
-      # Field 22 (starttime, in clock ticks since boot) follows the ")" that ends the name.
-      started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-    with open("/proc/uptime") as f:
-      age = float(f.read().split()[0]) - started
-  except (OSError, ValueError, IndexError):
-    return now
-  return now - max(age, 0.0)
+  """Where this run's clock starts, on the time.perf_counter clock: the first import of jaxlm
+  in this process, or in the interpreter it replaced when host_allocator restarted it.
+
+  Imports (jax's among them) then belong to the run's wall; the interpreter's own start before
+  the first import of jaxlm does not. The process' start time in /proc is
+  not used: a shell that runs `cmd && jaxlm train` as its last command execs jaxlm in its own
+  process, whose start is the shell's, so it would charge `cmd` (an install, say) to startup.
+  """
+  import jaxlm
+  start = jaxlm.IMPORTED_AT
+  pid, _, carried = os.environ.get(STARTED_ENV, "").partition(":")
+  if pid == str(os.getpid()):  # A child process that inherited the variable ignores it.
+    try:
+      start = min(start, float(carried))
+    except ValueError:
+      pass
+  return start
 
 
 class Phases:

@@ -10,6 +10,7 @@ import sys
 import pytest
 from conftest import CONFIGS, assert_one_line_error, run_jaxlm
 
+from jaxlm import phases
 from jaxlm.errors import JaxlmError
 from jaxlm.host import allocator
 
@@ -55,6 +56,8 @@ def test_ensure_restarts_the_same_command_with_the_library_preloaded(monkeypatch
   assert env["LD_PRELOAD"] == "libjemalloc.so.2 libother.so"  # The user's preload is kept.
   assert env["MALLOC_CONF"] == "dirty_decay_ms:-1,muzzy_decay_ms:-1"
   assert env["JAXLM_HOST_ALLOCATOR"] == "libjemalloc.so.2"
+  # The restarted run's clock starts where this process' did.
+  assert env[phases.STARTED_ENV] == f"{os.getpid()}:{phases.process_start()!r}"
   # A MALLOC_CONF of the user's wins; a process that was restarted already never restarts.
   monkeypatch.setenv("MALLOC_CONF", "narenas:2")
   allocator.ensure("auto")

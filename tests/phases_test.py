@@ -4,6 +4,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 
 import jax
@@ -42,12 +43,41 @@ def test_phases_partition_the_wall_and_nested_blocks_return_to_their_phase():
   assert set(clock.record()) == {f"phase/{k}_sec" for k in (*phases.NAMES, "wall")}
 
 
-def test_process_start_is_before_this_test_and_after_the_boot():
-  start = phases.process_start()
-  # pytest has been running for at least the time it took to import jax and collect.
-  assert start < time.perf_counter() - 0.5
-  with open("/proc/uptime") as f:
-    assert time.perf_counter() - start < float(f.read().split()[0])
+def test_process_start_is_the_first_import_of_jaxlm(monkeypatch):
+  import jaxlm
+  monkeypatch.delenv(phases.STARTED_ENV, raising=False)
+  assert phases.process_start() == jaxlm.IMPORTED_AT < time.perf_counter()
+  # An inherited start of another process (a parent's) is not this process' start.
+  monkeypatch.setenv(phases.STARTED_ENV, f"{os.getppid()}:{jaxlm.IMPORTED_AT - 100.0!r}")
+  assert phases.process_start() == jaxlm.IMPORTED_AT
+  monkeypatch.setenv(phases.STARTED_ENV, f"{os.getpid()}:not-a-time")
+  assert phases.process_start() == jaxlm.IMPORTED_AT
+
+
+AGE = "import time; from jaxlm import phases; print(time.perf_counter() - phases.process_start())"
+
+
+def test_a_shell_that_execs_jaxlm_after_other_work_does_not_charge_it_to_startup():
+  # `cmd && jaxlm train` as a shell's last command runs jaxlm in the shell's own process (bash
+  # execs it), so the process' start in /proc is the shell's: 1.5 s before jaxlm started.
+  env = {k: v for k, v in os.environ.items() if k != phases.STARTED_ENV}
+  out = subprocess.run(["bash", "-c", f"sleep 1.5 && exec {sys.executable} -c '{AGE}'"],
+                       capture_output=True, text=True, timeout=60, env=env, check=True)
+  assert 0.0 < float(out.stdout) < 1.0
+
+
+def test_the_start_carries_across_a_restart_of_the_same_process_only():
+  # What host.allocator does: re-execute the process with the start in the environment.
+  script = (f"import os, sys, time, subprocess; os.environ[{phases.STARTED_ENV!r}] = "
+            "f'{os.getpid()}:{time.perf_counter() - 5.0!r}'; "
+            f"print(subprocess.run([sys.executable, '-c', {AGE!r}], capture_output=True, "
+            "text=True).stdout.strip(), flush=True); "
+            f"os.execv(sys.executable, [sys.executable, '-c', {AGE!r}])")
+  out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=60, check=True)
+  child, restarted = map(float, out.stdout.split())
+  assert child < 1.0  # A child process inherits the variable and ignores it.
+  assert 5.0 <= restarted < 7.0
 
 
 @pytest.mark.slow

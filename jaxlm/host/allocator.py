@@ -29,6 +29,7 @@ import sys
 
 from absl import logging
 
+from jaxlm import phases
 from jaxlm.errors import JaxlmError
 
 # Name -> (names the dynamic linker knows it by, environment it needs).
@@ -109,6 +110,8 @@ def ensure(value: str) -> None:
   env = dict(os.environ)
   env["LD_PRELOAD"] = " ".join([lib, env.get("LD_PRELOAD", "")]).strip()
   env[_MARKER] = lib
+  # The restarted interpreter's run clock starts where this one's did (jaxlm.phases).
+  env[phases.STARTED_ENV] = f"{os.getpid()}:{phases.process_start()!r}"
   for key, val in KNOWN.get(name, ((), {}))[1].items():
     env.setdefault(key, val)
   logging.info("host_allocator: restarting with %s preloaded (config host_allocator=%r)",
