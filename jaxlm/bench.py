@@ -47,7 +47,7 @@ def bench_train(cfg: ml_collections.ConfigDict, *, steps: int = 20, warmup: int 
 
   With `profile_dir`, also traces a few more calls and adds the ops that took the most time
   ("profile", see `profile_ops`). "phases" splits the command's wall as a run's
-  (jaxlm.phases; `phases` is the clock jaxlm bench started at process start).
+  (jaxlm.phases; `phases` is the clock jaxlm bench started at its first import of jaxlm).
   """
   ph = phases or phases_lib.Phases(first="other")
   ph.enter("init")

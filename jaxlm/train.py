@@ -338,7 +338,7 @@ def open_records(cfg: ml_collections.ConfigDict, setup: build_lib.Setup, state: 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str,
                        phases: phases_lib.Phases | None = None) -> dict[str, Any]:
   """Trains `cfg` in `workdir`, resuming from its latest checkpoint; returns final metrics.
-  `phases` (jaxlm train's starts at process start) is logged and written at the end."""
+  `phases` (jaxlm train's starts at its first import of jaxlm) is logged and written at the end."""
   t_start = time.perf_counter()
   ph = phases or phases_lib.Phases(start=t_start, first="other")
   ph.enter("other")

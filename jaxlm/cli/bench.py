@@ -31,7 +31,7 @@ _SAMPLING = flags.DEFINE_bool("sampling", True, "bench: also time sampling (pref
 def main(argv: list[str]) -> None:
   del argv
   from jaxlm import phases
-  clock = phases.Phases(start=phases.process_start())  # Interpreter start and imports count.
+  clock = phases.Phases(start=phases.process_start())  # From jaxlm's first import on.
   common.require(_CONFIG.value, "config")
   import json
 

@@ -23,7 +23,7 @@ _WORKDIR = common.define_workdir(FLAGS)
 def main(argv: list[str]) -> None:
   del argv
   from jaxlm import phases
-  clock = phases.Phases(start=phases.process_start())  # Interpreter start and imports count.
+  clock = phases.Phases(start=phases.process_start())  # From jaxlm's first import on.
   common.require(_CONFIG.value, "config")
   common.require(_WORKDIR.value, "workdir")
   # Imported here so that `jaxlm train --help` does not load jax.
