@@ -35,9 +35,9 @@ def process_start() -> float:
   in this process, or in the interpreter it replaced when host_allocator restarted it.
 
   Imports (jax's among them) then belong to the run's wall; the interpreter's own start before
-  the first import of jaxlm does not. The process' start time in /proc is
-  not used: a shell that runs `cmd && jaxlm train` as its last command execs jaxlm in its own
-  process, whose start is the shell's, so it would charge `cmd` (an install, say) to startup.
+  the first import of jaxlm does not. The process' start time in /proc is not used: a shell
+  that runs `cmd && jaxlm train` as its last command execs jaxlm in its own process, whose
+  start is the shell's, so it would charge `cmd` (an install, say) to startup.
   """
   import jaxlm
   start = jaxlm.IMPORTED_AT
