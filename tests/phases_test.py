@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -61,7 +62,8 @@ def test_a_shell_that_execs_jaxlm_after_other_work_does_not_charge_it_to_startup
   # `cmd && jaxlm train` as a shell's last command runs jaxlm in the shell's own process (bash
   # execs it), so the process' start in /proc is the shell's: 1.5 s before jaxlm started.
   env = {k: v for k, v in os.environ.items() if k != phases.STARTED_ENV}
-  out = subprocess.run(["bash", "-c", f"sleep 1.5 && exec {sys.executable} -c '{AGE}'"],
+  command = f"sleep 1.5 && exec {shlex.quote(sys.executable)} -c {shlex.quote(AGE)}"
+  out = subprocess.run(["bash", "-c", command],
                        capture_output=True, text=True, timeout=60, env=env, check=True)
   assert 0.0 < float(out.stdout) < 1.0
 
